@@ -1,0 +1,1 @@
+"""GitOps activities: find the suspect change and manage rollback pull requests."""

@@ -1,0 +1,168 @@
+"""The `remediator` command line.
+
+Subcommands: `demo` (the whole loop on the embedded stack), `dev-server` (the
+embedded Temporal server with the Web UI), `serve` (the intake), `worker
+orchestrator|detection` (one worker process). Every process reads the same
+settings from `REMEDIATOR_*` environment variables; `--help` lists them.
+
+Entry points leave with `os._exit` after flushing their output, because a
+process that ran a Temporal client can crash at interpreter exit and turn a
+success into a false failure status (temporalio/sdk-python issue 300).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from remediator.settings import Settings, describe_settings
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with one subparser per command."""
+    epilog = describe_settings()
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="remediator",
+        description="Heal GitOps-deployed Kubernetes applications with durable "
+        "Temporal workflows.",
+        epilog=epilog,
+        formatter_class=formatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run one incident end to end on the embedded stack",
+        epilog=epilog,
+        formatter_class=formatter,
+    )
+    demo.add_argument(
+        "--layout",
+        choices=("plain", "kustomize", "helm"),
+        default="plain",
+        help="shape of the demo application in the GitOps repository",
+    )
+    demo.add_argument(
+        "--json", action="store_true", help="print one JSON object at the end"
+    )
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the stack up for the Web UI until Ctrl-C",
+    )
+    demo.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="directory for the repository, database and logs (default: a new "
+        "temporary directory)",
+    )
+
+    dev = commands.add_parser(
+        "dev-server",
+        help="run the embedded Temporal dev server with the Web UI",
+        epilog=epilog,
+        formatter_class=formatter,
+    )
+    dev.add_argument("--port", type=int, default=7233, help="frontend port")
+    dev.add_argument("--ui-port", type=int, default=8233, help="Web UI port")
+    dev.add_argument(
+        "--db-file",
+        type=Path,
+        default=None,
+        help="SQLite file that keeps histories across restarts (default: in memory)",
+    )
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP intake (Alertmanager webhook and OTLP receiver)",
+        epilog=epilog,
+        formatter_class=formatter,
+    )
+    serve.add_argument("--host", default=None, help="listen address")
+    serve.add_argument("--port", type=int, default=None, help="listen port")
+
+    worker = commands.add_parser(
+        "worker",
+        help="run one worker process",
+        epilog=epilog,
+        formatter_class=formatter,
+    )
+    worker.add_argument("kind", choices=("orchestrator", "detection"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line and leave the process with its exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        status = _dispatch(args)
+    except KeyboardInterrupt:
+        status = 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from remediator.telemetry import setup_logging, setup_tracing
+
+    setup_logging()
+    settings = Settings()
+    if args.command == "demo":
+        from remediator.demo.run import run_demo
+
+        return asyncio.run(
+            run_demo(
+                layout=args.layout,
+                as_json=args.json,
+                keep_running=args.keep_running,
+                work_dir=args.work_dir,
+            )
+        )
+    if args.command == "dev-server":
+        return _run_dev_server(args.port, args.ui_port, args.db_file)
+    if args.command == "serve":
+        setup_tracing("remediator-intake")
+        from remediator.intake.server import serve
+
+        host = args.host or settings.intake.host
+        port = args.port or settings.intake.port
+        asyncio.run(serve(settings, host, port))
+        return 0
+    if args.command == "worker":
+        setup_tracing(f"remediator-{args.kind}-worker")
+        from workers.runner import run_worker
+
+        asyncio.run(run_worker(args.kind, settings))
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _run_dev_server(port: int, ui_port: int, db_file: Path | None) -> int:
+    import subprocess
+
+    from remediator.devserver import dev_server_command
+
+    command = dev_server_command(port, ui_port, db_file)
+    logger.info(
+        "Starting the Temporal dev server on 127.0.0.1:%s, Web UI on "
+        "http://127.0.0.1:%s.",
+        port,
+        ui_port,
+    )
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    main()

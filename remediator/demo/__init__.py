@@ -1,0 +1,1 @@
+"""Local stand-ins and the simulated service that `remediator demo` runs."""

@@ -1,0 +1,278 @@
+"""The embedded stack: every part of Remediator on loopback, for the demo and tests.
+
+`EmbeddedStack` starts, on free 127.0.0.1 ports, the Temporal dev server with
+the Web UI, a bare GitOps repository seeded with the demo application, the
+intake (Alertmanager webhook and OTLP receiver), the Argo CD stand-in, the
+demo application exporting OTLP metrics, and both workers as separate
+processes. Settings reach the workers through `REMEDIATOR_*` variables, the
+same way production passes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client
+
+from remediator.demo.argocd_standin import ArgoCDStandIn
+from remediator.demo.demo_app import DemoApplication, ImageBehaviour
+from remediator.demo.seed import SeedResult, render_image, seed_repository
+from remediator.devserver import DevServer, free_port, start_dev_server
+from remediator.intake.app import TemporalStarter, create_app
+from remediator.settings import Settings
+from remediator.temporal import connect
+
+logger = logging.getLogger(__name__)
+
+DEMO_NAMESPACE = "demo"
+DEMO_APP = "guestbook"
+GOOD_IMAGE = "registry.demo.localhost/guestbook:1.10"
+BAD_IMAGE = "registry.demo.localhost/guestbook:1.11"
+BEHAVIOUR = {
+    GOOD_IMAGE: ImageBehaviour(error_ratio=0.005, latency_median_seconds=0.04),
+    BAD_IMAGE: ImageBehaviour(error_ratio=0.35, latency_median_seconds=0.25),
+}
+
+# Timings of the demo: seconds instead of the production minutes, so one
+# incident, verification included, takes well under a minute.
+DEMO_ENVIRONMENT = {
+    "REMEDIATOR_SIGNALS_WINDOW_SECONDS": "30",
+    "REMEDIATOR_SIGNALS_STEP_SECONDS": "1",
+    "REMEDIATOR_VERIFY_INTERVAL_SECONDS": "2",
+    "REMEDIATOR_VERIFY_CONSECUTIVE_INTERVALS": "3",
+    "REMEDIATOR_VERIFY_MAX_INTERVALS": "10",
+    "REMEDIATOR_ARGOCD_POLL_SECONDS": "0.2",
+    "REMEDIATOR_ARGOCD_SYNC_TIMEOUT_SECONDS": "60",
+}
+
+
+@dataclass
+class _Server:
+    server: uvicorn.Server
+    task: asyncio.Task
+
+
+@dataclass
+class EmbeddedStack:
+    """Start with `await stack.start()`, stop with `await stack.stop()`."""
+
+    work_dir: Path
+    layout: str = "plain"
+    environment: dict[str, str] = field(default_factory=dict)
+    dev_server: DevServer | None = None
+    client: Client | None = None
+    seed: SeedResult | None = None
+    standin: ArgoCDStandIn | None = None
+    demo_app: DemoApplication | None = None
+    settings: Settings | None = None
+    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _servers: list[_Server] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bare_path(self) -> Path:
+        return self.work_dir / "gitops.git"
+
+    @property
+    def intake_url(self) -> str:
+        return self.environment["REMEDIATOR_INTAKE_URL"]
+
+    @property
+    def intake_token(self) -> str:
+        return self.environment["REMEDIATOR_INTAKE_BEARER_TOKEN"]
+
+    async def start(self) -> None:
+        """Start every part and wait until both workers poll their queues."""
+        started = time.monotonic()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        (self.work_dir / "logs").mkdir(exist_ok=True)
+        self.dev_server = await asyncio.to_thread(
+            start_dev_server,
+            db_file=self.work_dir / "temporal.db",
+            log_file=self.work_dir / "logs" / "temporal.log",
+        )
+        intake_port, argocd_port = free_port(), free_port()
+        self.environment = {
+            **DEMO_ENVIRONMENT,
+            "REMEDIATOR_TEMPORAL_ADDRESS": self.dev_server.address,
+            "REMEDIATOR_TEMPORAL_UI_URL": self.dev_server.ui_url,
+            "REMEDIATOR_INTAKE_HOST": "127.0.0.1",
+            "REMEDIATOR_INTAKE_PORT": str(intake_port),
+            "REMEDIATOR_INTAKE_URL": f"http://127.0.0.1:{intake_port}",
+            "REMEDIATOR_INTAKE_BEARER_TOKEN": secrets.token_urlsafe(24),
+            "REMEDIATOR_ARGOCD_URL": f"http://127.0.0.1:{argocd_port}",
+            "REMEDIATOR_ARGOCD_TOKEN": secrets.token_urlsafe(24),
+            "REMEDIATOR_GIT_WORK_DIR": str(self.work_dir / "git-work"),
+            **self.environment,
+        }
+        self.settings = _settings_from(self.environment)
+        self._start_workers()
+
+        self.seed = await asyncio.to_thread(
+            seed_repository,
+            self.bare_path,
+            self.layout,
+            DEMO_NAMESPACE,
+            DEMO_APP,
+            GOOD_IMAGE,
+        )
+        self.client = await connect(self.settings.temporal)
+        await self._start_intake(intake_port)
+        await self._start_standin(argocd_port)
+        self.demo_app = DemoApplication(
+            DEMO_NAMESPACE,
+            DEMO_APP,
+            f"{self.intake_url}/v1/metrics",
+            BEHAVIOUR,
+            lambda: self.standin.live_image(DEMO_APP),
+            export_interval_seconds=0.5,
+            requests_per_second=80.0,
+            headers={"Authorization": f"Bearer {self.intake_token}"},
+        )
+        await self._wait_for_live_image(GOOD_IMAGE)
+        self.demo_app.start()
+        await self._wait_for_pollers()
+        self.timings["stack_start_seconds"] = round(time.monotonic() - started, 3)
+
+    async def stop(self) -> None:
+        """Stop every part; safe to call after a failed start."""
+        if self.demo_app is not None:
+            await asyncio.to_thread(self.demo_app.stop)
+        for name, process in self.workers.items():
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    await asyncio.to_thread(process.wait, 25)
+                except subprocess.TimeoutExpired:
+                    logger.warning("Worker %s did not drain in 25 s; killing it.", name)
+                    process.kill()
+        for server in self._servers:
+            server.server.should_exit = True
+        for server in self._servers:
+            try:
+                await asyncio.wait_for(server.task, 10)
+            except TimeoutError:
+                server.task.cancel()
+        if self.dev_server is not None:
+            await asyncio.to_thread(self.dev_server.stop)
+
+    # --- Parts ---------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        env = {**os.environ, **self.environment}
+        for kind in ("orchestrator", "detection"):
+            log = open(self.work_dir / "logs" / f"worker-{kind}.log", "ab")
+            self.workers[kind] = subprocess.Popen(
+                [sys.executable, "-m", "remediator", "worker", kind],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    async def _serve(self, app, port: int) -> None:
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        self._servers.append(_Server(server, task))
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError(f"server on 127.0.0.1:{port} stopped at start")
+            await asyncio.sleep(0.02)
+
+    async def _start_intake(self, port: int) -> None:
+        starter = TemporalStarter(self.client, self.settings)
+        await self._serve(create_app(self.settings, starter), port)
+
+    async def _start_standin(self, port: int) -> None:
+        self.standin = ArgoCDStandIn(
+            token=self.environment["REMEDIATOR_ARGOCD_TOKEN"],
+            poll_seconds=0.1,
+            sync_delay_seconds=0.3,
+        )
+        self.standin.register(
+            DEMO_APP,
+            namespace=DEMO_NAMESPACE,
+            repo_path=self.bare_path,
+            app_path=self.seed.app_path,
+            render_image=render_image,
+            target_branch=self.seed.branch,
+            layout=self.layout,
+        )
+        await self._serve(self.standin.app, port)
+
+    async def _wait_for_live_image(self, image: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.standin.live_image(DEMO_APP) != image:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Argo CD stand-in did not deploy {image} within {timeout:.0f} s; "
+                    f"it runs {self.standin.live_image(DEMO_APP)!r}"
+                )
+            await asyncio.sleep(0.05)
+
+    async def _wait_for_pollers(self, timeout: float = 60.0) -> None:
+        queues = [
+            (self.settings.temporal.task_queue, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
+            (
+                self.settings.temporal.detection_task_queue,
+                TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+            ),
+        ]
+        deadline = time.monotonic() + timeout
+        for name, kind in queues:
+            while not await task_queue_has_pollers(self.client, name, kind):
+                for worker, process in self.workers.items():
+                    if process.poll() is not None:
+                        raise RuntimeError(
+                            f"worker {worker} exited with status {process.returncode}; "
+                            f"see {self.work_dir / 'logs' / f'worker-{worker}.log'}"
+                        )
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"no worker polled task queue {name} within {timeout:.0f} s"
+                    )
+                await asyncio.sleep(0.1)
+
+
+async def task_queue_has_pollers(
+    client: Client, task_queue: str, kind: TaskQueueType.ValueType
+) -> bool:
+    """Tell whether any worker polled the task queue recently."""
+    response = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=task_queue),
+            task_queue_type=kind,
+        )
+    )
+    return len(response.pollers) > 0
+
+
+def _settings_from(environment: dict[str, str]) -> Settings:
+    """Build settings as a worker would, from the stack's environment."""
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    try:
+        return Settings()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

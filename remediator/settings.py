@@ -1,0 +1,222 @@
+"""Service settings, read from the environment by every Remediator process.
+
+Each group has its own prefix under `REMEDIATOR_`, so the variable of a field is
+the prefix plus the field name in capitals (`REMEDIATOR_TEMPORAL_ADDRESS`).
+Secrets are `SecretStr` and never copied into workflow inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _group(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(
+        env_prefix=f"REMEDIATOR_{prefix}_", extra="ignore", env_file=None
+    )
+
+
+class TemporalSettings(BaseSettings):
+    """Where the Temporal service runs and which task queues the workers poll."""
+
+    model_config = _group("TEMPORAL")
+
+    address: str = Field("127.0.0.1:7233", description="frontend host:port")
+    namespace: str = Field("default", description="Temporal namespace")
+    task_queue: str = Field(
+        "remediation", description="queue of workflows and I/O activities"
+    )
+    detection_task_queue: str = Field(
+        "remediation-detection", description="queue of the anomaly detector"
+    )
+    ui_url: str = Field(
+        "http://127.0.0.1:8233", description="Web UI base URL used in links"
+    )
+    search_attributes: bool = Field(
+        True,
+        description="upsert the Remediation* search attributes; they must be "
+        "registered in the namespace first (remediator dev-server does it)",
+    )
+
+
+class IntakeSettings(BaseSettings):
+    """The HTTP intake: Alertmanager webhook and OTLP/HTTP receiver."""
+
+    model_config = _group("INTAKE")
+
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(8080, description="listen port")
+    bearer_token: SecretStr | None = Field(
+        None, description="token Alertmanager must send; unset accepts any caller"
+    )
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024,
+        description="largest accepted request body in bytes; Alertmanager drops "
+        "a notification answered with 413, so keep it above the largest group",
+    )
+    namespace_labels: str = Field(
+        "namespace", description="comma-separated alert labels tried for namespace"
+    )
+    app_labels: str = Field(
+        "app,service,job", description="comma-separated alert labels tried for app"
+    )
+    default_namespace: str = Field(
+        "", description="namespace used when no namespace label is present"
+    )
+    url: str = Field(
+        "http://127.0.0.1:8080",
+        description="base URL at which workers reach the golden-signal store",
+    )
+
+
+class SignalSettings(BaseSettings):
+    """Golden signals: the window read as evidence and its resolution."""
+
+    model_config = _group("SIGNALS")
+
+    window_seconds: float = Field(300.0, description="evidence window, seconds")
+    step_seconds: float = Field(15.0, description="resolution of the series, seconds")
+    retention_seconds: float = Field(
+        3600.0, description="how long the OTLP store keeps points, seconds"
+    )
+
+
+class DetectionSettings(BaseSettings):
+    """The anomaly detector on the detection task queue."""
+
+    model_config = _group("DETECTION")
+
+    threshold: float = Field(
+        0.8, description="score at or above which a point is anomalous"
+    )
+
+
+class PolicySettings(BaseSettings):
+    """The Rego decision policy."""
+
+    model_config = _group("POLICY")
+
+    engine: str = Field("embedded", description="embedded (regopy) or opa (REST)")
+    directory: Path = Field(REPO_ROOT / "policies", description="Rego modules")
+    data_file: Path | None = Field(
+        None, description="JSON document loaded as `data`, for per-app overrides"
+    )
+    query: str = Field("data.remediation.decision", description="decision query")
+    opa_url: str = Field("http://127.0.0.1:8181", description="OPA server base URL")
+    opa_token: SecretStr | None = Field(None, description="OPA bearer token")
+    timeout_seconds: float = Field(5.0, description="decision timeout, seconds")
+
+
+class GitSettings(BaseSettings):
+    """The GitOps repository and its pull-request provider."""
+
+    model_config = _group("GIT")
+
+    provider: str = Field("local", description="local (bare repository)")
+    repo_url: str = Field(
+        "", description="repository URL or bare path; Argo CD's repoURL when unset"
+    )
+    target_branch: str = Field("main", description="branch Argo CD deploys")
+    work_dir: Path = Field(
+        Path(".remediator/git"), description="where working clones are kept"
+    )
+    author_name: str = Field("Remediator", description="commit author name")
+    author_email: str = Field("remediator@localhost", description="commit author email")
+    strategy: str = Field("pin", description="pin (image back) or revert (commits)")
+
+
+class ArgoCDSettings(BaseSettings):
+    """The Argo CD API that reports sync and health."""
+
+    model_config = _group("ARGOCD")
+
+    url: str = Field("http://127.0.0.1:8090", description="Argo CD API base URL")
+    token: SecretStr | None = Field(None, description="Argo CD bearer token")
+    application_template: str = Field(
+        "{app}", description="Application name built from {namespace} and {app}"
+    )
+    sync_timeout_seconds: float = Field(600.0, description="longest sync wait, seconds")
+    poll_seconds: float = Field(2.0, description="interval between status reads")
+
+
+class VerifySettings(BaseSettings):
+    """Recovery verification after the rollback has synced."""
+
+    model_config = _group("VERIFY")
+
+    interval_seconds: float = Field(30.0, description="length of one interval")
+    consecutive_intervals: int = Field(3, description="healthy intervals in a row")
+    max_intervals: int = Field(10, description="intervals before escalation")
+
+
+class BudgetSettings(BaseSettings):
+    """How many rollbacks one application may get."""
+
+    model_config = _group("BUDGET")
+
+    max_rollbacks: int = Field(2, description="rollbacks allowed per window")
+    window_seconds: float = Field(1800.0, description="sliding window, seconds")
+
+
+class RemediationSettings(BaseSettings):
+    """Behaviour of every incident."""
+
+    model_config = _group("REMEDIATION")
+
+    shadow: bool = Field(False, description="open draft pull requests, never merge")
+    approval_timeout_seconds: float = Field(
+        900.0, description="wait for approve/abort before escalating, seconds"
+    )
+
+
+class Settings(BaseSettings):
+    """All settings groups."""
+
+    model_config = SettingsConfigDict(env_prefix="REMEDIATOR_", extra="ignore")
+
+    temporal: TemporalSettings = Field(default_factory=TemporalSettings)
+    intake: IntakeSettings = Field(default_factory=IntakeSettings)
+    signals: SignalSettings = Field(default_factory=SignalSettings)
+    detection: DetectionSettings = Field(default_factory=DetectionSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    git: GitSettings = Field(default_factory=GitSettings)
+    argocd: ArgoCDSettings = Field(default_factory=ArgoCDSettings)
+    verify: VerifySettings = Field(default_factory=VerifySettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    remediation: RemediationSettings = Field(default_factory=RemediationSettings)
+
+
+GROUPS: dict[str, type[BaseSettings]] = {
+    "TEMPORAL": TemporalSettings,
+    "INTAKE": IntakeSettings,
+    "SIGNALS": SignalSettings,
+    "DETECTION": DetectionSettings,
+    "POLICY": PolicySettings,
+    "GIT": GitSettings,
+    "ARGOCD": ArgoCDSettings,
+    "VERIFY": VerifySettings,
+    "BUDGET": BudgetSettings,
+    "REMEDIATION": RemediationSettings,
+}
+
+
+def describe_settings() -> str:
+    """Render every setting's variable, default and description for `--help`."""
+    lines = ["settings (environment variables):"]
+    for prefix, group in GROUPS.items():
+        for name, field in group.model_fields.items():
+            default = field.default
+            if isinstance(default, SecretStr) or name.endswith("token"):
+                shown = "unset" if default is None else "***"
+            else:
+                shown = "unset" if default is None else str(default)
+            variable = f"REMEDIATOR_{prefix}_{name.upper()}"
+            lines.append(f"  {variable} (default: {shown})")
+            if field.description:
+                lines.append(f"      {field.description}")
+    return "\n".join(lines)

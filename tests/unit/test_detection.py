@@ -1,0 +1,173 @@
+"""Tests of the streaming anomaly scorer and the `score_series` activity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.detection import (
+    DetectionActivities,
+    pack_series,
+    score_batch,
+    z_to_score,
+)
+from workflows.models import DetectionInput, Series
+
+STEP = 15.0
+
+
+def baseline(points: int = 30, seed: int = 7) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return list(0.01 + rng.normal(0.0, 0.002, points))
+
+
+def step_change(anomalous_points: int = 5) -> list[float]:
+    rng = np.random.default_rng(11)
+    return baseline() + list(0.4 + rng.normal(0.0, 0.01, anomalous_points))
+
+
+async def score(*values: list[float | None], threshold: float = 0.8):
+    input = DetectionInput(
+        series=[
+            Series(key=f"s{index}", step_seconds=STEP, values=series)
+            for index, series in enumerate(values)
+        ],
+        threshold=threshold,
+    )
+    return await ActivityEnvironment().run(DetectionActivities().score_series, input)
+
+
+async def test_step_change_is_sustained() -> None:
+    result = await score(step_change())
+    verdict = result.verdicts[0]
+    assert verdict.anomalous is True
+    assert verdict.score >= 0.8
+    assert verdict.sustained_seconds >= 5 * STEP
+    assert verdict.points_scored > 0
+    assert result.device == "cpu"
+
+
+async def test_flat_series_not_anomalous() -> None:
+    verdict = (await score([0.01] * 35)).verdicts[0]
+    assert verdict.anomalous is False
+    assert verdict.score == 0.0
+    assert verdict.sustained_seconds == 0.0
+
+
+async def test_blip_then_normal_not_sustained() -> None:
+    values = baseline() + [0.4] + baseline(4, seed=3)
+    verdict = (await score(values)).verdicts[0]
+    assert verdict.anomalous is False
+    assert verdict.sustained_seconds == 0.0
+
+
+async def test_blip_at_end_one_step() -> None:
+    verdict = (await score(baseline() + [0.4])).verdicts[0]
+    assert verdict.anomalous is True
+    assert verdict.sustained_seconds == STEP
+
+
+async def test_all_gaps_score_zero() -> None:
+    verdict = (await score([None] * 40)).verdicts[0]
+    assert verdict.score == 0.0
+    assert verdict.anomalous is False
+    assert verdict.points_scored == 0
+
+
+async def test_short_series_score_zero() -> None:
+    verdict = (await score([0.01, 0.02, 0.5])).verdicts[0]
+    assert verdict.score == 0.0
+    assert verdict.anomalous is False
+    assert verdict.points_scored == 0
+
+
+async def test_empty_series_score_zero() -> None:
+    verdict = (await score([])).verdicts[0]
+    assert verdict.score == 0.0
+    assert verdict.anomalous is False
+
+
+async def test_gaps_are_skipped_not_anomalous() -> None:
+    values: list[float | None] = baseline()
+    values[10] = None
+    values[20] = None
+    values += [None, None]
+    verdict = (await score(values)).verdicts[0]
+    assert verdict.anomalous is False
+    assert verdict.points_scored == 30 - 2 - 8
+
+
+async def test_gaps_inside_anomaly_skipped() -> None:
+    values: list[float | None] = step_change(6)
+    values[-3] = None
+    verdict = (await score(values)).verdicts[0]
+    assert verdict.anomalous is True
+    assert verdict.sustained_seconds == 5 * STEP
+
+
+async def test_drop_is_not_anomalous() -> None:
+    values = [0.5 + 0.01 * (index % 3) for index in range(30)] + [0.05] * 5
+    verdict = (await score(values)).verdicts[0]
+    assert verdict.anomalous is False
+
+
+async def test_verdicts_keep_input_order() -> None:
+    result = await score([0.01] * 35, step_change(), [None] * 3)
+    assert [verdict.key for verdict in result.verdicts] == ["s0", "s1", "s2"]
+    assert [verdict.anomalous for verdict in result.verdicts] == [False, True, False]
+
+
+async def test_series_of_different_lengths() -> None:
+    result = await score(step_change(), step_change()[10:])
+    assert result.verdicts[0].sustained_seconds == 5 * STEP
+    assert result.verdicts[1].sustained_seconds == 5 * STEP
+
+
+async def test_invalid_threshold_not_retryable() -> None:
+    with pytest.raises(ApplicationError) as raised:
+        await score([0.01] * 35, threshold=1.5)
+    assert raised.value.non_retryable is True
+
+
+def test_score_uses_only_earlier_points() -> None:
+    values = np.array([step_change()])
+    full = score_batch(values).scores
+    prefix = score_batch(values[:, :32]).scores
+    np.testing.assert_array_equal(full[:, :32], prefix)
+
+
+def test_scores_in_unit_interval() -> None:
+    rng = np.random.default_rng(5)
+    values = rng.lognormal(0.0, 2.0, (20, 100))
+    values[:, 50:] *= 1000.0
+    scores = score_batch(values).scores
+    finite = scores[~np.isnan(scores)]
+    assert finite.size > 0
+    assert np.all(finite >= 0.0)
+    assert np.all(finite <= 1.0)
+
+
+def test_noise_rarely_crosses_threshold() -> None:
+    rng = np.random.default_rng(9)
+    scores = score_batch(rng.normal(0.01, 0.002, (50, 200))).scores
+    assert np.nanmean(scores >= 0.8) < 0.01
+
+
+def test_z_to_score_threshold_at_z_3_5() -> None:
+    assert z_to_score(np.array([0.0]))[0] == 0.0
+    assert z_to_score(np.array([3.5]))[0] == pytest.approx(0.8)
+
+
+def test_pack_series_pads_at_start() -> None:
+    packed = pack_series([[1.0, None, 3.0], [4.0]])
+    assert packed.shape == (2, 3)
+    assert np.isnan(packed[0, 1])
+    assert np.isnan(packed[1, 0])
+    assert packed[1, 2] == 4.0
+
+
+def test_score_batch_rejects_one_dimension() -> None:
+    with pytest.raises(ValueError, match="2 dimensions"):
+        score_batch(np.array([1.0, 2.0]))

@@ -1,0 +1,57 @@
+"""The orchestrator worker: incident and budget workflows plus every I/O activity.
+
+It polls the `remediation` task queue and may run on any node. `remediator
+worker orchestrator` and the demo stack start it through `build_worker`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.argocd import ArgoCDActivities, ArgoCDClient
+from activities.budget import BudgetActivities
+from activities.escalation import EscalationActivities
+from activities.gitops.activities import GitOpsActivities
+from activities.policy import PolicyActivities
+from activities.signals import SignalActivities
+from remediator.settings import Settings
+from workflows.budget import RollbackBudgetWorkflow
+from workflows.incident import IncidentWorkflow
+
+# Longer than the longest heartbeat interval, so a running sync wait can record
+# its progress before the worker leaves.
+GRACEFUL_SHUTDOWN = timedelta(seconds=20)
+
+
+def build_worker(client: Client, settings: Settings) -> Worker:
+    """Create the orchestrator worker for the settings' task queue."""
+    argocd = ArgoCDActivities(settings.argocd)
+    argocd_client = ArgoCDClient(settings.argocd.url, settings.argocd.token)
+    gitops = GitOpsActivities(settings.git, argocd_client.get_application)
+    signals = SignalActivities(settings)
+    policy = PolicyActivities(settings.policy)
+    budget = BudgetActivities(client, settings.temporal.task_queue)
+    escalation = EscalationActivities()
+    return Worker(
+        client,
+        task_queue=settings.temporal.task_queue,
+        workflows=[IncidentWorkflow, RollbackBudgetWorkflow],
+        activities=[
+            signals.collect_evidence,
+            signals.verify_interval,
+            gitops.find_change,
+            gitops.open_pull_request,
+            gitops.merge_pull_request,
+            gitops.close_pull_request,
+            argocd.wait_for_sync,
+            policy.decide,
+            budget.read_budget,
+            budget.reserve_budget,
+            budget.release_budget,
+            escalation.escalate,
+        ],
+        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+    )
