@@ -29,7 +29,6 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from pydantic import ValidationError
 from temporalio.client import Client, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
 
 from remediator.intake.alertmanager import IntakePlan, PlanEntry, plan_incidents
@@ -41,6 +40,7 @@ from remediator.intake.otlp import (
 )
 from remediator.intake.store import GoldenSignalStore
 from remediator.settings import Settings
+from remediator.temporal import connect
 from workflows.models import (
     INCIDENT_WORKFLOW,
     AlertSignal,
@@ -132,6 +132,7 @@ def build_incident_input(entry: PlanEntry, settings: Settings) -> IncidentInput:
         approval_timeout_seconds=settings.remediation.approval_timeout_seconds,
         max_rollbacks=settings.budget.max_rollbacks,
         budget_window_seconds=settings.budget.window_seconds,
+        search_attributes=settings.temporal.search_attributes,
     )
     return IncidentInput(
         incident_id=workflow_id,
@@ -192,6 +193,8 @@ class TemporalStarter:
                 task_queue=self._settings.temporal.task_queue,
                 start_signal=ALERT_SIGNAL,
                 start_signal_args=[first],
+                static_summary=f"Incident of {entry.key}: {first.alertname or 'alert'}",
+                static_details=_static_details(entry, first),
             )
             await self._signal_all(handle, [a for a in entry.alerts if a is not first])
         except (RPCError, RuntimeError) as error:
@@ -230,18 +233,26 @@ class TemporalStarter:
                 group.create_task(send(alert))
 
 
+def _static_details(entry: PlanEntry, first: AlertSignal) -> str:
+    """Describe what started the incident, for the Web UI's summary panel."""
+    lines = [
+        f"**Application:** {entry.key}",
+        f"**First alert:** {first.alertname or 'unnamed'} ({first.fingerprint})",
+        f"**Trace id:** {entry.trace_id or 'none'}",
+    ]
+    summary = first.annotations.get("summary")
+    if summary:
+        lines.append(f"**Summary:** {summary}")
+    return "\n\n".join(lines)
+
+
 async def connect_temporal_starter(settings: Settings) -> TemporalStarter:
     """Create a lazy Temporal client and wrap it in a TemporalStarter.
 
     The client connects on the first alert, so the intake serves OTLP and
     signal reads while Temporal is still down and responds to alerts with 503.
     """
-    client = await Client.connect(
-        settings.temporal.address,
-        namespace=settings.temporal.namespace,
-        data_converter=pydantic_data_converter,
-        lazy=True,
-    )
+    client = await connect(settings.temporal, lazy=True)
     return TemporalStarter(client, settings)
 
 
