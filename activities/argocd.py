@@ -561,10 +561,11 @@ class ArgoCDActivities:
                 input.revision,
                 progress.polls,
             )
-        deadline = progress.started_at + self.settings.sync_timeout_seconds
+        timeout_seconds = input.timeout_seconds or self.settings.sync_timeout_seconds
+        deadline = progress.started_at + timeout_seconds
         # An error that Argo CD reported before this wait began may predate the merge.
         started_at = datetime.fromtimestamp(progress.started_at, UTC)
-        poll_seconds = max(input.poll_seconds, 0.05)
+        poll_seconds = max(input.poll_seconds or self.settings.poll_seconds, 0.05)
         consecutive_errors = 0
 
         # The first read of a fresh wait asks Argo CD to compare with Git now,
@@ -594,7 +595,10 @@ class ArgoCDActivities:
                 consecutive_errors = 0
                 progress.polls += 1
                 progress.last = evaluate_sync(
-                    app, input.revision, compared_after=started_at
+                    app,
+                    input.revision,
+                    repo_url=input.repo_url or None,
+                    compared_after=started_at,
                 )
                 verdict = progress.last
                 if verdict.state is SyncState.DONE:
@@ -627,7 +631,7 @@ class ArgoCDActivities:
                 last = progress.last.message if progress.last else "no status read"
                 message = (
                     f"Argo CD did not report revision {input.revision} synced and "
-                    f"healthy within {self.settings.sync_timeout_seconds:.0f} s. "
+                    f"healthy within {timeout_seconds:.0f} s. "
                     f"Last status: {last}"
                 )
                 activity.logger.warning(

@@ -23,6 +23,16 @@ from remediator.settings import Settings, describe_settings
 
 logger = logging.getLogger(__name__)
 
+SCENARIOS = (
+    "rollback",
+    "budget",
+    "approval",
+    "abort",
+    "flapping",
+    "verify-fails",
+    "shadow",
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with one subparser per command."""
@@ -48,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("plain", "kustomize", "helm"),
         default="plain",
         help="shape of the demo application in the GitOps repository",
+    )
+    demo.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="rollback",
+        help="which incident story to play; each ends with its own expected outcome",
     )
     demo.add_argument(
         "--json", action="store_true", help="print one JSON object at the end"
@@ -122,6 +138,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(
             run_demo(
                 layout=args.layout,
+                scenario=args.scenario,
                 as_json=args.json,
                 keep_running=args.keep_running,
                 work_dir=args.work_dir,

@@ -14,6 +14,7 @@ sandbox; the names and models are the contract with `activities/`.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -114,7 +115,7 @@ class IncidentWorkflow:
         self._approved: Approval | None = None
         self._aborted: Approval | None = None
         self._merged = False
-        self._stage_started: datetime | None = None
+        self._open_stages: dict[str, tuple[StageTiming, datetime]] = {}
 
     # --- Messages -----------------------------------------------------------
 
@@ -156,10 +157,7 @@ class IncidentWorkflow:
         pull_request: PullRequest | None = None
         reserved = False
         try:
-            evidence = await self._collect_evidence()
-            anomaly = await self._confirm_anomaly(evidence)
-            change = await self._find_change()
-            budget = await self._read_budget()
+            evidence, anomaly, change, budget = await self._gather_facts()
             decision = await self._decide(evidence, anomaly, change, budget)
             shadow = decision.shadow or self._config.shadow
             if decision.require_approval and not shadow:
@@ -177,7 +175,7 @@ class IncidentWorkflow:
                     *decision.reasons,
                 )
             pull_request = await self._merge(pull_request)
-            await self._wait_for_sync(pull_request.merge_commit)
+            await self._wait_for_sync(pull_request.merge_commit, change.repo_url)
             await self._verify(decision)
             raise _Finish(Outcome.RECOVERED, "golden signals back under thresholds")
         except _Finish as finish:
@@ -186,8 +184,40 @@ class IncidentWorkflow:
 
     # --- Steps --------------------------------------------------------------
 
+    async def _gather_facts(
+        self,
+    ) -> tuple[Evidence, SeriesVerdict | None, ChangeResult, BudgetState]:
+        """Run steps 1 to 4; they read independent systems, so concurrently."""
+
+        async def timed(stage: Stage, announce: bool, step):
+            self._open(stage, announce)
+            try:
+                return await step()
+            finally:
+                self._close(stage)
+
+        async def evidence_then_anomaly():
+            evidence = await timed(Stage.COLLECT_EVIDENCE, True, self._collect_evidence)
+            anomaly = await timed(
+                Stage.CONFIRM_ANOMALY, True, lambda: self._confirm_anomaly(evidence)
+            )
+            return evidence, anomaly
+
+        results = await asyncio.gather(
+            evidence_then_anomaly(),
+            timed(Stage.FIND_CHANGE, False, self._find_change),
+            timed(Stage.READ_BUDGET, False, self._read_budget),
+            return_exceptions=True,
+        )
+        # Every branch has ended, so no activity is left running; the first
+        # failure decides the outcome.
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        (evidence, anomaly), change, budget = results
+        return evidence, anomaly, change, budget
+
     async def _collect_evidence(self) -> Evidence:
-        self._enter(Stage.COLLECT_EVIDENCE)
         query = SignalQuery(
             namespace=self._input.namespace,
             app=self._input.app,
@@ -195,7 +225,8 @@ class IncidentWorkflow:
             step_seconds=self._config.signal_step_seconds,
         )
         try:
-            evidence = await workflow.execute_activity(
+            # Local activities: quick reads that need no task queue round trip.
+            evidence = await workflow.execute_local_activity(
                 "collect_evidence",
                 query,
                 result_type=Evidence,
@@ -210,7 +241,6 @@ class IncidentWorkflow:
         return evidence
 
     async def _confirm_anomaly(self, evidence: Evidence) -> SeriesVerdict | None:
-        self._enter(Stage.CONFIRM_ANOMALY)
         series = _series_of(evidence, self._config.signal_step_seconds)
         if not series:
             # Missing data is not evidence; the policy sees anomaly = None.
@@ -237,7 +267,6 @@ class IncidentWorkflow:
         return verdict
 
     async def _find_change(self) -> ChangeResult:
-        self._enter(Stage.FIND_CHANGE)
         try:
             change = await workflow.execute_activity(
                 "find_change",
@@ -266,9 +295,8 @@ class IncidentWorkflow:
         )
 
     async def _read_budget(self) -> BudgetState:
-        self._enter(Stage.READ_BUDGET)
         try:
-            budget = await workflow.execute_activity(
+            budget = await workflow.execute_local_activity(
                 "read_budget",
                 self._budget_query(),
                 result_type=BudgetState,
@@ -303,7 +331,7 @@ class IncidentWorkflow:
             shadow=self._config.shadow,
         )
         try:
-            decision = await workflow.execute_activity(
+            decision = await workflow.execute_local_activity(
                 "decide",
                 request,
                 result_type=Decision,
@@ -427,13 +455,18 @@ class IncidentWorkflow:
         await self._release_budget(commit=True)
         return merged
 
-    async def _wait_for_sync(self, revision: str) -> SyncResult:
+    async def _wait_for_sync(self, revision: str, repo_url: str) -> SyncResult:
         self._enter(Stage.WAIT_FOR_SYNC)
-        timeout = timedelta(seconds=self._config.sync_timeout_seconds)
+        # The activity gives up at sync_timeout_seconds and reports its last
+        # status; the margin lets that report arrive.
+        timeout = timedelta(seconds=self._config.sync_timeout_seconds + 60)
         activity_task = workflow.start_activity(
             "wait_for_sync",
             SyncInput(
-                argocd_application=self._config.argocd_application, revision=revision
+                argocd_application=self._config.argocd_application,
+                revision=revision,
+                timeout_seconds=self._config.sync_timeout_seconds,
+                repo_url=repo_url,
             ),
             result_type=SyncResult,
             start_to_close_timeout=timeout,
@@ -455,6 +488,12 @@ class IncidentWorkflow:
                 f"Argo CD did not sync revision {revision[:12]}: {_cause(err)}",
             ) from err
         self._status.sync = result
+        if not result.synced:
+            raise _Finish(
+                Outcome.ESCALATED,
+                f"Argo CD did not report revision {revision[:12]} synced and "
+                f"healthy: {result.message or result.sync_status}",
+            )
         return result
 
     async def _verify(self, decision: Decision) -> None:
@@ -622,19 +661,26 @@ class IncidentWorkflow:
         if not self._merged and self._all_resolved():
             raise _Finish(Outcome.RESOLVED, "every alert resolved before any action")
 
-    def _enter(self, stage: Stage | None) -> None:
-        """Close the timing of the current stage and start the next one."""
-        now = workflow.now()
-        if self._stage_started is not None and self._status.stage:
-            seconds = (now - self._stage_started).total_seconds()
-            self._status.stages.append(
-                StageTiming(name=self._status.stage, seconds=round(seconds, 3))
-            )
-        self._stage_started = now if stage is not None else None
-        if stage is not None:
+    def _open(self, stage: Stage, announce: bool = True) -> None:
+        """Start timing a stage; `announce` makes it the stage shown in the UI."""
+        timing = StageTiming(name=stage.value, seconds=0.0)
+        self._status.stages.append(timing)
+        self._open_stages[stage.value] = (timing, workflow.now())
+        if announce:
             self._status.stage = stage.value
             self._upsert_attributes()
             self._refresh_details()
+
+    def _close(self, stage: Stage) -> None:
+        timing, started = self._open_stages.pop(stage.value)
+        timing.seconds = round((workflow.now() - started).total_seconds(), 3)
+
+    def _enter(self, stage: Stage | None) -> None:
+        """Close every open stage and start the next one, if any."""
+        for name in list(self._open_stages):
+            self._close(Stage(name))
+        if stage is not None:
+            self._open(stage)
 
     def _upsert_attributes(self, app: bool = False) -> None:
         if not self._config.search_attributes:

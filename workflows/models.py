@@ -48,7 +48,7 @@ class Stage(StrEnum):
     FIND_CHANGE = "find-change"
     READ_BUDGET = "read-budget"
     DECIDE = "decide"
-    APPROVAL = "approval"
+    APPROVAL = "awaiting-approval"
     RESERVE_BUDGET = "reserve-budget"
     OPEN_PULL_REQUEST = "open-pull-request"
     MERGE_PULL_REQUEST = "merge-pull-request"
@@ -406,7 +406,16 @@ class SyncInput(BaseModel):
 
     argocd_application: str
     revision: str
-    poll_seconds: float = 2.0
+    poll_seconds: float | None = Field(
+        default=None,
+        description="interval between reads; the worker's setting when unset",
+    )
+    timeout_seconds: float | None = Field(
+        default=None, description="longest wait; the worker's setting when unset"
+    )
+    repo_url: str = Field(
+        default="", description="source of a multi-source Application to compare"
+    )
 
 
 class SyncResult(BaseModel):

@@ -122,7 +122,7 @@ async def _run_incident(stack: EmbeddedStack, console: Console) -> dict:
         push_image, stack.bare_path, stack.layout, DEMO_APP, BAD_IMAGE
     )
     console.print(f"Pushed bad image {BAD_IMAGE} as commit {bad_commit[:12]}.")
-    await stack._wait_for_live_image(BAD_IMAGE)
+    await stack.wait_for_live_image(BAD_IMAGE)
     console.print("Argo CD stand-in synced the bad image; errors rise.")
 
     async with httpx.AsyncClient(

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -141,7 +142,7 @@ class EmbeddedStack:
             requests_per_second=80.0,
             headers={"Authorization": f"Bearer {self.intake_token}"},
         )
-        await self._wait_for_live_image(GOOD_IMAGE)
+        await self.wait_for_live_image(GOOD_IMAGE)
         self.demo_app.start()
         await self._wait_for_pollers()
         self.timings["stack_start_seconds"] = round(time.monotonic() - started, 3)
@@ -168,19 +169,43 @@ class EmbeddedStack:
         if self.dev_server is not None:
             await asyncio.to_thread(self.dev_server.stop)
 
+    async def restart_worker(self, kind: str, signum: int = signal.SIGKILL) -> None:
+        """Stop a worker process with `signum`, start a new one, wait for it to poll."""
+        process = self.workers[kind]
+        if process.poll() is None:
+            process.send_signal(signum)
+            await asyncio.to_thread(process.wait, 30)
+        self._start_worker(kind)
+        await self._wait_for_pollers()
+
+    async def restart_dev_server(self) -> None:
+        """Stop the Temporal dev server and start it again on the same database file."""
+        port, ui_port = self.dev_server.port, self.dev_server.ui_port
+        await asyncio.to_thread(self.dev_server.stop)
+        self.dev_server = await asyncio.to_thread(
+            start_dev_server,
+            port=port,
+            ui_port=ui_port,
+            db_file=self.work_dir / "temporal.db",
+            log_file=self.work_dir / "logs" / "temporal.log",
+        )
+
     # --- Parts ---------------------------------------------------------------
 
     def _start_workers(self) -> None:
-        env = {**os.environ, **self.environment}
         for kind in ("orchestrator", "detection"):
-            log = open(self.work_dir / "logs" / f"worker-{kind}.log", "ab")
-            self.workers[kind] = subprocess.Popen(
-                [sys.executable, "-m", "remediator", "worker", kind],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            self._start_worker(kind)
+
+    def _start_worker(self, kind: str) -> None:
+        env = {**os.environ, **self.environment}
+        log = open(self.work_dir / "logs" / f"worker-{kind}.log", "ab")
+        self.workers[kind] = subprocess.Popen(
+            [sys.executable, "-m", "remediator", "worker", kind],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     async def _serve(self, app, port: int) -> None:
         config = uvicorn.Config(
@@ -216,7 +241,7 @@ class EmbeddedStack:
         )
         await self._serve(self.standin.app, port)
 
-    async def _wait_for_live_image(self, image: str, timeout: float = 30.0) -> None:
+    async def wait_for_live_image(self, image: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while self.standin.live_image(DEMO_APP) != image:
             if time.monotonic() > deadline:
