@@ -6,7 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench histories clean
+
+SCENARIOS := rollback budget approval abort flapping verify-fails shadow
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +32,14 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/loop_latency.py
+
+# Record the workflow histories that the replay tests check new code against.
+# Run after an intended, versioned change of the workflows.
+histories: $(STAMP)
+	rm -f tests/histories/*.json
+	for scenario in $(SCENARIOS); do \
+		$(BIN)/remediator demo --scenario $$scenario --save-histories tests/histories || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -114,9 +114,8 @@ missing_data_reason(inp) := sprintf("no golden-signal data for %v in the window;
 	not inp.evidence.has_data == true
 } else := sprintf("no traffic for %v in the window; missing data is not evidence", [app_key(inp)]) if {
 	inp.evidence.no_traffic == true
-} else := sprintf("neither error ratio nor p99 latency is known for %v; missing data is not evidence", [app_key(inp)]) if {
+} else := sprintf("the error ratio of %v is unknown although it has traffic; missing data is not evidence", [app_key(inp)]) if {
 	not is_number(inp.evidence.error_ratio)
-	not is_number(inp.evidence.latency_p99_seconds)
 }
 
 breaches(inp) := [msg |
@@ -259,5 +258,6 @@ decide(inp) := object.union(outcome(inp), {
 	"approval_timeout_seconds": setting(inp, "approval_timeout_seconds"),
 	"max_error_ratio": setting(inp, "max_error_ratio"),
 	"max_latency_p99_seconds": setting(inp, "max_latency_p99_seconds"),
+	"max_rollbacks": rollback_limit(inp),
 	"shadow": is_shadow(inp),
 })

@@ -2,8 +2,10 @@
 
 Subcommands: `demo` (the whole loop on the embedded stack), `dev-server` (the
 embedded Temporal server with the Web UI), `serve` (the intake), `worker
-orchestrator|detection` (one worker process). Every process reads the same
-settings from `REMEDIATOR_*` environment variables; `--help` lists them.
+orchestrator|detection` (one worker process), and the operator commands
+`approve`, `abort`, `status` and `list` on incident workflows. Every process
+reads the same settings from `REMEDIATOR_*` environment variables; `--help`
+lists them.
 
 Entry points leave with `os._exit` after flushing their output, because a
 process that ran a Temporal client can crash at interpreter exit and turn a
@@ -74,11 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the stack up for the Web UI until Ctrl-C",
     )
     demo.add_argument(
+        "--save-histories",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write the run's workflow histories to DIR as JSON (for replay tests)",
+    )
+    demo.add_argument(
         "--work-dir",
         type=Path,
         default=None,
-        help="directory for the repository, database and logs (default: a new "
-        "temporary directory)",
+        help="empty or new directory that keeps the repository, database and "
+        "logs after the run (default: a temporary directory, removed at the end)",
     )
 
     dev = commands.add_parser(
@@ -87,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=epilog,
         formatter_class=formatter,
     )
-    dev.add_argument("--port", type=int, default=7233, help="frontend port")
-    dev.add_argument("--ui-port", type=int, default=8233, help="Web UI port")
+    dev.add_argument(
+        "--port", type=int, default=7233, help="frontend port (default: 7233)"
+    )
+    dev.add_argument(
+        "--ui-port", type=int, default=8233, help="Web UI port (default: 8233)"
+    )
     dev.add_argument(
         "--db-file",
         type=Path,
@@ -112,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     worker.add_argument("kind", choices=("orchestrator", "detection"))
+
+    from remediator.control_cli import add_control_commands
+
+    add_control_commands(commands, epilog, formatter, os.environ.get("USER"))
     return parser
 
 
@@ -122,6 +139,13 @@ def main(argv: list[str] | None = None) -> None:
         status = _dispatch(args)
     except KeyboardInterrupt:
         status = 130
+    except SystemExit as exit_:
+        # A command stops with a one-line reason instead of a traceback.
+        if isinstance(exit_.code, str):
+            print(exit_.code, file=sys.stderr)
+            status = 1
+        else:
+            status = exit_.code or 0
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
@@ -142,6 +166,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 as_json=args.json,
                 keep_running=args.keep_running,
                 work_dir=args.work_dir,
+                history_dir=args.save_histories,
             )
         )
     if args.command == "dev-server":
@@ -160,10 +185,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         asyncio.run(run_worker(args.kind, settings))
         return 0
+    from remediator.control_cli import COMMANDS, run_control_command
+
+    if args.command in COMMANDS:
+        return asyncio.run(run_control_command(args, settings))
     raise AssertionError(f"unhandled command {args.command}")
 
 
 def _run_dev_server(port: int, ui_port: int, db_file: Path | None) -> int:
+    import signal
     import subprocess
 
     from remediator.devserver import dev_server_command
@@ -175,10 +205,19 @@ def _run_dev_server(port: int, ui_port: int, db_file: Path | None) -> int:
         port,
         ui_port,
     )
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0
+    process = subprocess.Popen(command)
+
+    # Pass SIGTERM on, so stopping this command never leaves the server behind.
+    def forward(signum: int, _frame: object) -> None:
+        process.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            # The terminal sent SIGINT to the server too; wait for it to stop.
+            continue
 
 
 if __name__ == "__main__":

@@ -48,3 +48,5 @@ def setup_logging(level: str | None = None) -> None:
         level=(level or os.environ.get("REMEDIATOR_LOG_LEVEL", "INFO")).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per HTTP request drowns the service's own messages.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -23,7 +23,15 @@ async def run_worker(kind: str, settings: Settings) -> None:
     """Connect, build the worker of `kind` and run it until a stop signal."""
     if kind not in KINDS:
         raise ValueError(f"unknown worker kind {kind!r}; use one of {', '.join(KINDS)}")
-    client = await connect(settings.temporal)
+    try:
+        client = await connect(settings.temporal)
+    except RuntimeError as err:
+        raise SystemExit(
+            f"Worker {kind} cannot connect to Temporal at "
+            f"{settings.temporal.address} (namespace {settings.temporal.namespace}): "
+            f"{err}. Start it (remediator dev-server) or set "
+            "REMEDIATOR_TEMPORAL_ADDRESS."
+        ) from None
     if kind == "orchestrator":
         from workers.orchestrator import build_worker
     else:

@@ -105,8 +105,12 @@ class IncidentWorkflow:
         # all state the handlers touch is created here.
         self._input = input
         self._config = input.config
+        # The workflow id names the application and is reused by its next
+        # incident, so the run id makes the branch, pull request and budget
+        # entry of this incident its own.
+        self._incident_id = f"{input.incident_id}-{workflow.info().run_id[:8]}"
         self._status = IncidentStatus(
-            incident_id=input.incident_id,
+            incident_id=self._incident_id,
             namespace=input.namespace,
             app=input.app,
             trace_id=input.trace_id,
@@ -271,7 +275,7 @@ class IncidentWorkflow:
             change = await workflow.execute_activity(
                 "find_change",
                 ChangeQuery(
-                    incident_id=self._input.incident_id,
+                    incident_id=self._incident_id,
                     argocd_application=self._config.argocd_application,
                 ),
                 result_type=ChangeResult,
@@ -287,10 +291,15 @@ class IncidentWorkflow:
         return change
 
     def _budget_query(self) -> BudgetQuery:
+        # Policy data may lower an application's limit below the service's.
+        limit = self._config.max_rollbacks
+        decision = self._status.decision
+        if decision is not None and decision.max_rollbacks is not None:
+            limit = min(limit, decision.max_rollbacks)
         return BudgetQuery(
             namespace=self._input.namespace,
             app=self._input.app,
-            max_rollbacks=self._config.max_rollbacks,
+            max_rollbacks=limit,
             window_seconds=self._config.budget_window_seconds,
         )
 
@@ -319,7 +328,7 @@ class IncidentWorkflow:
     ) -> Decision:
         self._enter(Stage.DECIDE)
         request = DecisionInput(
-            incident_id=self._input.incident_id,
+            incident_id=self._incident_id,
             namespace=self._input.namespace,
             app=self._input.app,
             alerts_firing=sum(1 for a in self._alerts.values() if a.status == "firing"),
@@ -381,7 +390,7 @@ class IncidentWorkflow:
             result = await workflow.execute_activity(
                 "reserve_budget",
                 BudgetReservation(
-                    budget=self._budget_query(), incident_id=self._input.incident_id
+                    budget=self._budget_query(), incident_id=self._incident_id
                 ),
                 result_type=BudgetReservationResult,
                 start_to_close_timeout=timedelta(seconds=30),
@@ -408,7 +417,7 @@ class IncidentWorkflow:
             pull_request = await workflow.execute_activity(
                 "open_pull_request",
                 PullRequestInput(
-                    incident_id=self._input.incident_id,
+                    incident_id=self._incident_id,
                     namespace=self._input.namespace,
                     app=self._input.app,
                     change=change,
@@ -438,9 +447,7 @@ class IncidentWorkflow:
         try:
             merged = await workflow.execute_activity(
                 "merge_pull_request",
-                MergeInput(
-                    incident_id=self._input.incident_id, pull_request=pull_request
-                ),
+                MergeInput(incident_id=self._incident_id, pull_request=pull_request),
                 result_type=PullRequest,
                 start_to_close_timeout=timedelta(seconds=120),
                 retry_policy=WRITE_RETRY,
@@ -577,7 +584,7 @@ class IncidentWorkflow:
         self._refresh_details()
         workflow.logger.info(
             "Incident %s ended %s: %s",
-            self._input.incident_id,
+            self._incident_id,
             outcome.value,
             "; ".join(self._status.reasons),
         )
@@ -587,7 +594,7 @@ class IncidentWorkflow:
             closed = await workflow.execute_activity(
                 "close_pull_request",
                 ClosePullRequestInput(
-                    incident_id=self._input.incident_id,
+                    incident_id=self._incident_id,
                     pull_request=pull_request,
                     reason=why,
                 ),
@@ -608,7 +615,7 @@ class IncidentWorkflow:
                 "release_budget",
                 BudgetRelease(
                     budget=self._budget_query(),
-                    incident_id=self._input.incident_id,
+                    incident_id=self._incident_id,
                     commit=commit,
                 ),
                 result_type=BudgetState,
@@ -619,7 +626,7 @@ class IncidentWorkflow:
             # An unreleased reservation expires with the window; log and go on.
             workflow.logger.error(
                 "Could not update the rollback budget of incident %s: %s",
-                self._input.incident_id,
+                self._incident_id,
                 _cause(err),
             )
 
@@ -628,7 +635,7 @@ class IncidentWorkflow:
             await workflow.execute_activity(
                 "escalate",
                 EscalationInput(
-                    incident_id=self._input.incident_id,
+                    incident_id=self._incident_id,
                     namespace=self._input.namespace,
                     app=self._input.app,
                     outcome=outcome.value,
@@ -642,7 +649,7 @@ class IncidentWorkflow:
             # The outcome stays visible in the Web UI even if no notifier works.
             workflow.logger.error(
                 "Could not escalate incident %s: %s",
-                self._input.incident_id,
+                self._incident_id,
                 _cause(err),
             )
 

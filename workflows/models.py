@@ -124,7 +124,10 @@ class IncidentConfig(BaseModel):
 class IncidentInput(BaseModel):
     """Start input of IncidentWorkflow."""
 
-    incident_id: str
+    incident_id: str = Field(
+        description="the workflow id; the workflow appends its run id to name the "
+        "incident, because the next incident of the application reuses the id"
+    )
     namespace: str
     app: str
     trace_id: str = ""
@@ -343,6 +346,9 @@ class Decision(BaseModel):
     reasons: list[str] = Field(default_factory=list)
     max_error_ratio: float | None = None
     max_latency_p99_seconds: float | None = None
+    max_rollbacks: int | None = Field(
+        default=None, description="per-application budget limit from policy data"
+    )
     shadow: bool = False
     engine: str = ""
     evaluated: bool = Field(

@@ -30,6 +30,7 @@ from activities.gitops.local_provider import (
 )
 from activities.gitops.repository import (
     GitOpsRepository,
+    branch_ref,
     clean_app_path,
     commits_between,
     image_changes_between,
@@ -186,7 +187,7 @@ class GitOpsActivities:
                 return result
             result.suspect_revision = suspect_sha
             if target_revision not in ("", "HEAD") and resolve_commit(
-                repo, f"refs/remotes/origin/{target_revision}"
+                repo, branch_ref(repo, target_revision)
             ):
                 result.target_branch = target_revision
 

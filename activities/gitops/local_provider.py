@@ -6,7 +6,11 @@ the default and the provider of `remediator demo`. A pull request here is
 - the branch `remediation/<incident id>` in the bare repository,
 - the ref `refs/pull/<number>/head`, as forges keep it,
 - a JSON record at `<bare>/remediator/pulls/<number>.json` (git ignores
-  unknown directories inside a bare repository).
+  unknown directories inside a bare repository),
+- the file `<bare>/remediator/pulls/by-incident/<incident id>`, which contains
+  the number of the incident's latest pull request, so that `open` reads one
+  record instead of all of them. The first call on a repository without this
+  index builds it from the records.
 
 Every method is idempotent:
 
@@ -16,8 +20,12 @@ Every method is idempotent:
   the merge but did not record it, `merge` finds it on the target branch.
 - `close` of a closed pull request changes nothing.
 
-Each method holds the bare repository's lock for its whole run, then the work
-clone's lock, always in that order.
+Each method works in the bare repository itself: it reads objects through
+persistent `git cat-file` processes, writes blobs, trees and commits straight
+into the object database, merges with `git merge-tree --write-tree` and moves
+branches with a compare-and-swap `git update-ref`. Each method holds the bare
+repository's lock for its whole run. Only a revert that needs a content merge
+falls back to `git revert` in a work clone, whose lock it then takes second.
 
 Errors: `PermanentGitOpsError` subclasses mean that a retry cannot succeed
 (invalid input, nothing to roll back, conflicts, wrong pull request state).
@@ -32,20 +40,31 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 import git
 import yaml
 
 from activities.gitops.repository import (
+    TREE_MODE,
     GitOpsRepository,
+    TreeConflictError,
+    branch_ref,
+    create_commit,
+    edit_tree,
     file_lock,
+    git_process,
+    parse_tree,
+    pooled_repo,
     read_blob,
     redact_url,
     resolve_commit,
+    run_git,
+    tree_sha,
     write_commit,
 )
 from activities.gitops.yaml_edit import image_scalars, set_scalars
@@ -79,6 +98,7 @@ _SECRET_ASSIGNMENT = re.compile(
     r"(?i)\b(password|passwd|token|secret|api[_-]?key|authorization)\b(\s*[:=]\s*)\S+"
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_RECORD_NAME = re.compile(r"^([0-9]+)\.json$")
 MAX_LINE_CHARS = 300
 
 
@@ -170,13 +190,16 @@ class LocalProvider:
             )
         self.author_name = author_name
         self.author_email = author_email
+        # The work clone, used only by a revert that needs a content merge.
         self.repository = GitOpsRepository(
             str(self.bare_path),
             work_dir,
             author_name=author_name,
             author_email=author_email,
+            use_clone=True,
         )
         self.pulls_dir = self.bare_path / "remediator" / "pulls"
+        self.index_dir = self.pulls_dir / "by-incident"
         self.lock_path = self.bare_path / "remediator" / "pulls.lock"
 
     # --- public operations --------------------------------------------------
@@ -190,7 +213,7 @@ class LocalProvider:
         branch = branch_for(request.incident_id)
         self._validate_open(request)
         with self._locked() as repo:
-            record = self._latest_record(branch)
+            record = self._latest_record(request.incident_id, branch)
             if record is not None and record["state"] in ("open", "merged"):
                 logger.info(
                     "Reusing pull request #%s for incident %s.",
@@ -200,11 +223,21 @@ class LocalProvider:
                 return self._to_model(record)
 
             title, body = self._describe(request)
+            number = self._next_number()
             head = self._existing_branch_head(repo, branch, request.incident_id)
+            create_branch = False
             if head is None:
-                head, body = self._build_commit(repo, request, title, body)
-                self._push(repo, head, branch)
-            record = self._create_record(request, branch, head, title, body)
+                head, body, pushed = self._build_commit(
+                    repo, request, title, body, branch
+                )
+                create_branch = not pushed
+            refs = [f"update refs/pull/{number}/head {head}"]
+            if create_branch:
+                # `create` fails, and so does the whole transaction, when the
+                # branch appeared since the check above.
+                refs.insert(0, f"create refs/heads/{branch} {head}")
+            self._update_refs(refs)
+            record = self._create_record(request, number, branch, head, title, body)
             logger.info(
                 "Opened pull request #%s (%s) for incident %s at %s.",
                 record["number"],
@@ -254,7 +287,7 @@ class LocalProvider:
         A merged pull request cannot be closed; it is returned unchanged.
         """
         branch = branch_for(request.incident_id)
-        with self._locked():
+        with self._locked() as repo:
             record = self._load_for(request.pull_request, branch)
             if record["state"] == "merged":
                 logger.warning(
@@ -264,9 +297,9 @@ class LocalProvider:
                 )
                 return self._to_model(record)
             if record["state"] != "closed":
-                bare = git.Repo(self.bare_path)
-                if resolve_commit(bare, f"refs/heads/{branch}"):
-                    bare.git.update_ref("-d", f"refs/heads/{branch}")
+                head = resolve_commit(repo, f"refs/heads/{branch}")
+                if head:
+                    run_git(self.bare_path, "update-ref", "-d", f"refs/heads/{branch}")
                 record.update(
                     state="closed",
                     closed_reason=scrub(request.reason),
@@ -284,7 +317,7 @@ class LocalProvider:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[git.Repo]:
-        with file_lock(self.lock_path), self.repository.session() as repo:
+        with file_lock(self.lock_path), pooled_repo(self.bare_path) as repo:
             yield repo
 
     def _record_path(self, number: int) -> Path:
@@ -298,27 +331,93 @@ class LocalProvider:
             records.append(json.loads(path.read_text(encoding="utf-8")))
         return sorted(records, key=lambda record: record["number"])
 
-    def _latest_record(self, branch: str) -> dict | None:
-        matching = [record for record in self._records() if record["branch"] == branch]
-        return matching[-1] if matching else None
+    def _next_number(self) -> int:
+        """Return the number after the highest record's, reading file names only."""
+        try:
+            names = os.listdir(self.pulls_dir)
+        except FileNotFoundError:
+            return 1
+        numbers = [
+            int(match[1]) for name in names if (match := _RECORD_NAME.match(name))
+        ]
+        return max(numbers, default=0) + 1
 
-    def _write_record(self, record: dict) -> None:
+    def _ensure_index(self) -> None:
+        """Build the by-incident index from the records unless it exists."""
+        if self.index_dir.is_dir():
+            return
         self.pulls_dir.mkdir(parents=True, exist_ok=True)
-        path = self._record_path(record["number"])
-        # Write then rename, so a crash never leaves a half-written record.
+        latest: dict[str, int] = {}
+        for record in self._records():
+            latest[record["branch"]] = record["number"]
+        # Build aside, then rename, so a crash never leaves a partial index.
+        building = Path(tempfile.mkdtemp(prefix=".by-incident-", dir=self.pulls_dir))
+        for branch, number in latest.items():
+            incident_id = branch.removeprefix(BRANCH_PREFIX)
+            if branch.startswith(BRANCH_PREFIX) and _INCIDENT_ID.match(incident_id):
+                (building / incident_id).write_text(f"{number}\n", encoding="utf-8")
+        os.rename(building, self.index_dir)
+        logger.info(
+            "Indexed %d pull request branches in %s.", len(latest), self.index_dir
+        )
+
+    def _latest_record(self, incident_id: str, branch: str) -> dict | None:
+        """Return the record of the incident's latest pull request, if any.
+
+        The index entry is written before its record, so an entry whose record
+        is missing, or whose number another branch took since, means no record.
+        NOTE: a record written by a version of this provider without the index
+        stays invisible here once the index exists.
+        """
+        self._ensure_index()
+        try:
+            number = int((self.index_dir / incident_id).read_text(encoding="utf-8"))
+            text = self._record_path(number).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        record = json.loads(text)
+        return record if record["branch"] == branch else None
+
+    def _replace_file(self, path: Path, write: Callable[[IO[str]], None]) -> None:
+        # Write then rename, so a crash never leaves a half-written file.
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=self.pulls_dir, suffix=".tmp", delete=False
+            "w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False
         ) as handle:
-            json.dump(record, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+            write(handle)
         os.replace(handle.name, path)
 
+    def _write_record(self, record: dict) -> None:
+        def write(handle: IO[str]) -> None:
+            json.dump(record, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+        self._replace_file(self._record_path(record["number"]), write)
+
+    def _update_refs(self, commands: list[str]) -> None:
+        """Apply `update-ref --stdin` commands in the bare repository, all or none."""
+        process = git_process(
+            self.bare_path, "update-ref", "--stdin", input="\n".join(commands) + "\n"
+        )
+        if process.returncode != 0:
+            raise RuntimeError(
+                f"updating refs in {self.bare_path} failed: {process.stderr.strip()}"
+            )
+
     def _create_record(
-        self, request: PullRequestInput, branch: str, head: str, title: str, body: str
+        self,
+        request: PullRequestInput,
+        number: int,
+        branch: str,
+        head: str,
+        title: str,
+        body: str,
     ) -> dict:
-        numbers = [record["number"] for record in self._records()]
-        number = max(numbers, default=0) + 1
-        git.Repo(self.bare_path).git.update_ref(f"refs/pull/{number}/head", head)
+        self._ensure_index()
+        self._replace_file(
+            self.index_dir / request.incident_id,
+            lambda handle: handle.write(f"{number}\n"),
+        )
         record = {
             "number": number,
             "incident_id": request.incident_id,
@@ -405,7 +504,7 @@ class LocalProvider:
         self, repo: git.Repo, branch: str, incident_id: str
     ) -> str | None:
         """Return the branch head an earlier attempt pushed, if the branch exists."""
-        head = resolve_commit(repo, f"refs/remotes/origin/{branch}")
+        head = resolve_commit(repo, branch_ref(repo, branch))
         if head is None:
             return None
         message = repo.commit(head).message
@@ -417,11 +516,20 @@ class LocalProvider:
         return head
 
     def _build_commit(
-        self, repo: git.Repo, request: PullRequestInput, title: str, body: str
-    ) -> tuple[str, str]:
-        """Create the rollback commit and return its sha and the final body."""
+        self,
+        repo: git.Repo,
+        request: PullRequestInput,
+        title: str,
+        body: str,
+        branch: str,
+    ) -> tuple[str, str, bool]:
+        """Create the rollback commit in the bare repository.
+
+        Returns its sha, the final body, and whether `branch` already points
+        at it (only after a revert in the work clone, which pushes it).
+        """
         target = request.change.target_branch
-        base = resolve_commit(repo, f"refs/remotes/origin/{target}")
+        base = resolve_commit(repo, branch_ref(repo, target))
         if base is None:
             raise InvalidInputError(
                 f"target branch {target!r} not found in {self.bare_path}"
@@ -429,7 +537,8 @@ class LocalProvider:
         if request.strategy == "revert":
             message = self._commit_message(request, title, body)
             commits = request.change.suspect_commits
-            return self._revert_commit(repo, base, commits, message), body
+            head, pushed = self._revert_commit(repo, base, commits, message, branch)
+            return head, body, pushed
 
         edited, skipped = self._pin_edits(repo, base, request.change.image_changes)
         if skipped:
@@ -445,7 +554,7 @@ class LocalProvider:
             author_name=self.author_name,
             author_email=self.author_email,
         )
-        return head, body
+        return head, body, False
 
     def _pin_edits(
         self, repo: git.Repo, base: str, changes: list[ImageChange]
@@ -490,9 +599,22 @@ class LocalProvider:
         return edited, skipped
 
     def _revert_commit(
-        self, repo: git.Repo, base: str, suspect_commits: list[str], message: str
-    ) -> str:
-        """Revert the suspect commits (newest first) on top of the target head."""
+        self,
+        repo: git.Repo,
+        base: str,
+        suspect_commits: list[str],
+        message: str,
+        branch: str,
+    ) -> tuple[str, bool]:
+        """Revert the suspect commits (newest first) on top of the target head.
+
+        Returns the commit and whether `branch` already points at it. When each
+        changed path still has the suspect's version on the target head, the
+        revert takes each path's version from before the suspect, which is
+        what `git revert` does there, and the commit is built in the bare
+        repository. Otherwise (a content merge or a conflict) `git revert` runs
+        in the work clone, which pushes the branch.
+        """
         commits = []
         for commit in suspect_commits:
             sha = resolve_commit(repo, commit)
@@ -504,32 +626,27 @@ class LocalProvider:
                     "so it cannot be reverted there"
                 )
             commits.append(sha)
-        _reset_worktree(repo)
-        repo.git.checkout("-f", "--detach", base)
-        for sha in commits:
-            # A merge commit is reverted against its first parent, the branch it
-            # merged into.
-            mainline = ["-m", "1"] if len(repo.commit(sha).parents) > 1 else []
-            try:
-                repo.git.revert("--no-commit", *mainline, sha)
-            except git.GitCommandError as error:
-                _reset_worktree(repo)
-                raise RollbackConflictError(
-                    f"revert of {sha[:12]} failed with a conflict: "
-                    f"{error.stderr.strip()}"
-                ) from error
-        if not repo.git.diff("--cached", "--name-only", base).strip():
-            _reset_worktree(repo)
+
+        base_tree = repo.commit(base).tree.binsha
+        tree = _revert_tree(repo, base_tree, commits)
+        if tree is _CONTENT_MERGE:
+            with self.repository.session() as clone:
+                head = _revert_in_clone(clone, base, commits, message)
+                self._push(clone, head, branch)
+            return head, True
+        if tree == base_tree:
             raise NothingToRollBackError(
                 "reverting the suspect commits changes nothing on the target branch"
             )
-        with tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", suffix=".msg"
-        ) as handle:
-            handle.write(message)
-            handle.flush()
-            repo.git.commit("--no-verify", "-F", handle.name)
-        return repo.head.commit.hexsha
+        head = create_commit(
+            repo,
+            tree_sha(tree),
+            [base],
+            cleanup_whitespace(message),
+            author_name=self.author_name,
+            author_email=self.author_email,
+        )
+        return head, False
 
     def _push(self, repo: git.Repo, head: str, branch: str) -> None:
         try:
@@ -542,50 +659,68 @@ class LocalProvider:
     # --- merging ------------------------------------------------------------
 
     def _merge_into_target(self, repo: git.Repo, record: dict, incident_id: str) -> str:
+        """Merge the head into the target branch and return the merge commit.
+
+        `git merge-tree --write-tree` (git 2.38 or later) merges in the bare
+        repository, and `update-ref <ref> <new> <old>` moves the branch only if
+        it still points at the merged target head. When another push moved it
+        in between, the merge starts again from the new target head.
+        """
         head = record["head_commit"]
         target = record["target_branch"]
+        message = cleanup_whitespace(
+            f"Merge pull request #{record['number']} from {record['branch']}\n\n"
+            f"{record['title']}\n\n{INCIDENT_TRAILER}: {incident_id}\n"
+        )
         for attempt in range(1, PUSH_ATTEMPTS + 1):
-            target_head = resolve_commit(repo, f"refs/remotes/origin/{target}")
+            target_head = resolve_commit(repo, branch_ref(repo, target))
             if target_head is None:
                 raise InvalidInputError(f"target branch {target!r} not found")
-            if repo.is_ancestor(head, target_head):
-                # An earlier attempt pushed the merge but did not record it.
-                return self._find_merge_commit(repo, head, target_head, incident_id)
-
-            _reset_worktree(repo)
-            repo.git.checkout("-f", "--detach", target_head)
-            message = (
-                f"Merge pull request #{record['number']} from {record['branch']}\n\n"
-                f"{record['title']}\n\n{INCIDENT_TRAILER}: {incident_id}\n"
+            merged = git_process(
+                self.bare_path, "merge-tree", "--write-tree", target_head, head
             )
-            try:
-                repo.git.merge("--no-ff", "--no-edit", "-m", message, head)
-            except git.GitCommandError as error:
-                _reset_worktree(repo)
+            if merged.returncode != 0:
+                # Status 1 means conflicts, listed on stdout; others are errors
+                # such as unrelated histories.
+                details = (merged.stdout + merged.stderr).strip()
                 raise RollbackConflictError(
                     f"merge of {record['branch']} into {target} failed with a "
-                    f"conflict: {error.stderr.strip()}"
-                ) from error
-            merge_commit = repo.head.commit.hexsha
-            try:
-                repo.git.push("origin", f"{merge_commit}:refs/heads/{target}")
+                    f"conflict: {details}"
+                )
+            tree = merged.stdout.split("\n", 1)[0].strip()
+            # A head already in the target merges into the target's own tree,
+            # so only then can it be an ancestor.
+            if tree == repo.commit(target_head).tree.hexsha and repo.is_ancestor(
+                head, target_head
+            ):
+                # An earlier attempt pushed the merge but did not record it.
+                return self._find_merge_commit(repo, head, target_head, incident_id)
+            merge_commit = create_commit(
+                repo,
+                tree,
+                [target_head, head],
+                message,
+                author_name=self.author_name,
+                author_email=self.author_email,
+            )
+            moved = git_process(
+                self.bare_path,
+                "update-ref",
+                f"refs/heads/{target}",
+                merge_commit,
+                target_head,
+            )
+            if moved.returncode == 0:
                 return merge_commit
-            except git.GitCommandError as error:
-                # The target moved between fetch and push: fetch and merge again.
-                logger.warning(
-                    "Push of merge %s to %s rejected (attempt %d of %d): %s",
-                    merge_commit,
-                    target,
-                    attempt,
-                    PUSH_ATTEMPTS,
-                    error.stderr.strip(),
-                )
-                repo.git.fetch(
-                    "--prune",
-                    "--force",
-                    "origin",
-                    "+refs/heads/*:refs/remotes/origin/*",
-                )
+            # The target moved since it was read: merge again on its new head.
+            logger.warning(
+                "Update of %s to merge %s rejected (attempt %d of %d): %s",
+                target,
+                merge_commit,
+                attempt,
+                PUSH_ATTEMPTS,
+                moved.stderr.strip(),
+            )
         raise RuntimeError(f"target branch {target} kept moving; merge not pushed")
 
     def _find_merge_commit(
@@ -703,6 +838,139 @@ def _web_ui_url(url: str) -> str:
         )
         return ""
     return scrub(redact_url(url))
+
+
+def cleanup_whitespace(message: str) -> str:
+    """Clean a commit message as `git commit --cleanup=whitespace` does.
+
+    Strips trailing whitespace from each line, drops leading and trailing
+    empty lines, and merges runs of empty lines into one. `git commit -F` and
+    `git merge -m` apply this cleanup by default when no editor runs.
+    """
+    lines: list[str] = []
+    for line in message.split("\n"):
+        line = line.rstrip(" \t\n\v\f\r")
+        if line or (lines and lines[-1]):
+            lines.append(line)
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+# Returned by `_revert_tree` when a path needs a content merge.
+_CONTENT_MERGE = object()
+
+_Entry = tuple[int, bytes]
+
+
+def _tree_entries(repo: git.Repo, tree: bytes | None) -> dict[bytes, _Entry]:
+    return parse_tree(repo.odb.stream(tree).read()) if tree is not None else {}
+
+
+def _changed_paths(
+    repo: git.Repo, before: bytes | None, after: bytes | None, prefix: tuple = ()
+) -> Iterable[tuple[tuple[bytes, ...], _Entry | None, _Entry | None]] | None:
+    """List (path, entry before, entry after) for each path that differs.
+
+    Directories that exist on both sides are compared entry by entry. Returns
+    None when a path changes between a file and a directory.
+    """
+    old = _tree_entries(repo, before)
+    new = _tree_entries(repo, after)
+    changes = []
+    for name in sorted(old.keys() | new.keys()):
+        a, b = old.get(name), new.get(name)
+        if a == b:
+            continue
+        a_tree = a is not None and a[0] == TREE_MODE
+        b_tree = b is not None and b[0] == TREE_MODE
+        if a is not None and b is not None and a_tree != b_tree:
+            return None
+        if a_tree and b_tree:
+            nested = _changed_paths(repo, a[1], b[1], (*prefix, name))
+            if nested is None:
+                return None
+            changes.extend(nested)
+        else:
+            changes.append(((*prefix, name), a, b))
+    return changes
+
+
+def _entry_at(
+    repo: git.Repo, tree: bytes | None, path: tuple[bytes, ...]
+) -> _Entry | None:
+    entry: _Entry | None = None
+    for index, name in enumerate(path):
+        if tree is None:
+            return None
+        entry = _tree_entries(repo, tree).get(name)
+        if entry is None:
+            return None
+        if index < len(path) - 1:
+            if entry[0] != TREE_MODE:
+                return None
+            tree = entry[1]
+    return entry
+
+
+def _revert_tree(
+    repo: git.Repo, base_tree: bytes, commits: list[str]
+) -> bytes | None | object:
+    """Revert `commits` in order on `base_tree` without a content merge.
+
+    A merge commit is reverted against its first parent. Returns the new
+    tree (None for the empty tree), or `_CONTENT_MERGE` when a changed path
+    no longer has the commit's version nor the one before it.
+    """
+    tree: bytes | None = base_tree
+    for sha in commits:
+        commit = repo.commit(sha)
+        parent_tree = commit.parents[0].tree.binsha if commit.parents else None
+        changes = _changed_paths(repo, parent_tree, commit.tree.binsha)
+        if changes is None:
+            return _CONTENT_MERGE
+        edits: dict[tuple[bytes, ...], _Entry | None] = {}
+        for path, before, after in changes:
+            current = _entry_at(repo, tree, path)
+            if current == after:
+                edits[path] = before
+            elif current != before:
+                return _CONTENT_MERGE
+        if edits:
+            try:
+                tree = edit_tree(repo, tree, edits)
+            except TreeConflictError:
+                return _CONTENT_MERGE
+    return tree
+
+
+def _revert_in_clone(
+    repo: git.Repo, base: str, commits: list[str], message: str
+) -> str:
+    """Revert `commits` (newest first) on `base` with `git revert` in a work clone."""
+    _reset_worktree(repo)
+    repo.git.checkout("-f", "--detach", base)
+    for sha in commits:
+        # A merge commit is reverted against its first parent, the branch it
+        # merged into.
+        mainline = ["-m", "1"] if len(repo.commit(sha).parents) > 1 else []
+        try:
+            repo.git.revert("--no-commit", *mainline, sha)
+        except git.GitCommandError as error:
+            _reset_worktree(repo)
+            raise RollbackConflictError(
+                f"revert of {sha[:12]} failed with a conflict: {error.stderr.strip()}"
+            ) from error
+    if not repo.git.diff("--cached", "--name-only", base).strip():
+        _reset_worktree(repo)
+        raise NothingToRollBackError(
+            "reverting the suspect commits changes nothing on the target branch"
+        )
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".msg") as handle:
+        handle.write(message)
+        handle.flush()
+        repo.git.commit("--no-verify", "-F", handle.name)
+    return repo.head.commit.hexsha
 
 
 def _reset_worktree(repo: git.Repo) -> None:

@@ -15,6 +15,7 @@ index: `0.spec.template.spec.containers.0.image`, `0.images.1.newTag`,
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -97,12 +98,30 @@ def _walk(
             yield from _walk(child, (*parts, name), seen)
 
 
-def _scalars(text: str) -> tuple[dict[str, _Scalar], set[str]]:
+# Texts up to this many characters keep their parsed scalars in a cache, so the
+# same file read by find_change and then edited by the pull request is composed
+# once per process.
+_CACHED_TEXT_MAX_CHARS = 1 << 20
+
+
+def _scalars(text: str) -> tuple[dict[str, _Scalar], frozenset[str]]:
     """Index every scalar value of every document by its location.
 
     Returns the index and the locations that occur more than once (duplicated
-    keys). The index keeps the last occurrence, as YAML loaders do.
+    keys). The index keeps the last occurrence, as YAML loaders do. Results
+    may be shared between callers, so callers must not modify them.
     """
+    if len(text) <= _CACHED_TEXT_MAX_CHARS:
+        return _cached_scalars(text)
+    return _compose_scalars(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_scalars(text: str) -> tuple[dict[str, _Scalar], frozenset[str]]:
+    return _compose_scalars(text)
+
+
+def _compose_scalars(text: str) -> tuple[dict[str, _Scalar], frozenset[str]]:
     scalars: dict[str, _Scalar] = {}
     duplicates: set[str] = set()
     for doc_index, root in enumerate(_compose_documents(text)):
@@ -113,7 +132,7 @@ def _scalars(text: str) -> tuple[dict[str, _Scalar], set[str]]:
             if location in scalars:
                 duplicates.add(location)
             scalars[location] = _Scalar(location, parts, node, parent)
-    return scalars, duplicates
+    return scalars, frozenset(duplicates)
 
 
 def _is_image_scalar(scalar: _Scalar) -> bool:
@@ -167,6 +186,7 @@ def image_scalars(text: str) -> dict[str, str]:
     return result
 
 
+@functools.lru_cache(maxsize=1024)
 def resolves_as_string(value: str) -> bool:
     """Tell whether `value` written as a plain scalar reads back as this string.
 

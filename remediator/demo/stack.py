@@ -45,6 +45,9 @@ BEHAVIOUR = {
     GOOD_IMAGE: ImageBehaviour(error_ratio=0.005, latency_median_seconds=0.04),
     BAD_IMAGE: ImageBehaviour(error_ratio=0.35, latency_median_seconds=0.25),
 }
+# A downstream outage fails requests whatever image runs, so a rollback cannot
+# help; the verify-fails scenario switches it on.
+OUTAGE = ImageBehaviour(error_ratio=0.4, latency_median_seconds=0.3)
 
 # Timings of the demo: seconds instead of the production minutes, so one
 # incident, verification included, takes well under a minute.
@@ -81,6 +84,7 @@ class EmbeddedStack:
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
     _servers: list[_Server] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    outage: bool = False
 
     @property
     def bare_path(self) -> Path:
@@ -136,7 +140,7 @@ class EmbeddedStack:
             DEMO_NAMESPACE,
             DEMO_APP,
             f"{self.intake_url}/v1/metrics",
-            BEHAVIOUR,
+            self._behaviour_of,
             lambda: self.standin.live_image(DEMO_APP),
             export_interval_seconds=0.5,
             requests_per_second=80.0,
@@ -168,6 +172,11 @@ class EmbeddedStack:
                 server.task.cancel()
         if self.dev_server is not None:
             await asyncio.to_thread(self.dev_server.stop)
+
+    def _behaviour_of(self, image: str) -> ImageBehaviour:
+        if self.outage:
+            return OUTAGE
+        return BEHAVIOUR.get(image, BEHAVIOUR[GOOD_IMAGE])
 
     async def restart_worker(self, kind: str, signum: int = signal.SIGKILL) -> None:
         """Stop a worker process with `signum`, start a new one, wait for it to poll."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -92,8 +93,11 @@ def shas(history: History) -> dict[str, str]:
     }
 
 
-def test_commits_touching_newest_first(history, shas, tmp_path):
-    repository = GitOpsRepository(str(history.bare), tmp_path / "work")
+@pytest.mark.parametrize("use_clone", [False, True])
+def test_commits_touching_newest_first(history, shas, tmp_path, use_clone):
+    repository = GitOpsRepository(
+        str(history.bare), tmp_path / "work", use_clone=use_clone
+    )
     assert repository.commits_touching("apps/api", shas["base"], shas["bad"]) == [
         shas["bad"]
     ]
@@ -106,8 +110,11 @@ def test_commits_touching_newest_first(history, shas, tmp_path):
     ]
 
 
-def test_read_files_relative_and_byte_exact(history, shas, tmp_path):
-    repository = GitOpsRepository(str(history.bare), tmp_path / "work")
+@pytest.mark.parametrize("use_clone", [False, True])
+def test_read_files_relative_and_byte_exact(history, shas, tmp_path, use_clone):
+    repository = GitOpsRepository(
+        str(history.bare), tmp_path / "work", use_clone=use_clone
+    )
     files = repository.read_files(shas["bad"], "apps/web")
     assert sorted(files) == ["templates/deployment.yaml", "values.yaml"]
     api = repository.read_files(shas["bad"], "apps/api")
@@ -150,8 +157,11 @@ def test_image_changes_skip_invalid_yaml(history, shas, tmp_path):
     ]
 
 
-def test_fetch_sees_new_commits(history, shas, tmp_path):
-    repository = GitOpsRepository(str(history.bare), tmp_path / "work")
+@pytest.mark.parametrize("use_clone", [False, True])
+def test_fetch_sees_new_commits(history, shas, tmp_path, use_clone):
+    repository = GitOpsRepository(
+        str(history.bare), tmp_path / "work", use_clone=use_clone
+    )
     assert repository.resolve("main") == shas["bad"]
     newer = history.commit({"apps/api/extra.yaml": "kind: ConfigMap\n"}, "More")
     assert repository.resolve("main") == newer
@@ -159,13 +169,15 @@ def test_fetch_sees_new_commits(history, shas, tmp_path):
 
 
 def test_concurrent_sessions_share_one_clone(history, shas, tmp_path):
-    repository = GitOpsRepository(str(history.bare), tmp_path / "work")
+    repository = GitOpsRepository(str(history.bare), tmp_path / "work", use_clone=True)
     results: list[list[str]] = []
     errors: list[BaseException] = []
 
     def worker() -> None:
         try:
-            clone = GitOpsRepository(str(history.bare), tmp_path / "work")
+            clone = GitOpsRepository(
+                str(history.bare), tmp_path / "work", use_clone=True
+            )
             results.append(clone.commits_touching("apps/api", "", "main"))
         except BaseException as error:  # collected for the assert below
             errors.append(error)
@@ -179,6 +191,94 @@ def test_concurrent_sessions_share_one_clone(history, shas, tmp_path):
     assert results == [[shas["bad"], shas["base"]]] * 4
     assert len([p for p in (tmp_path / "work").iterdir() if p.is_dir()]) == 1
     assert repository.clone_dir.is_dir()
+
+
+def test_local_bare_repository_read_in_place(history, shas, tmp_path):
+    results: list[str | None] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            repository = GitOpsRepository(f"file://{history.bare}", tmp_path / "work")
+            for _ in range(5):
+                results.append(repository.resolve("main"))
+        except BaseException as error:  # collected for the assert below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert results == [shas["bad"]] * 20
+    assert not (tmp_path / "work").exists()
+
+
+def test_resolve_rejects_revisions_that_break_the_batch_protocol(
+    history, shas, tmp_path
+):
+    repository = GitOpsRepository(str(history.bare), tmp_path / "work")
+    for revision in ("main\nmain", "main main", "", "\x00"):
+        assert repository.resolve(revision) is None
+    assert repository.resolve("main") == shas["bad"]
+    assert repository.resolve(shas["base"][:12]) == shas["base"]
+    assert repository.resolve("main~3") == shas["base"]
+    assert repository.resolve("f" * 40) is None
+
+
+def test_repository_recreated_at_same_path_is_read_afresh(tmp_path):
+    first = History(tmp_path / "gitops.git")
+    first_head = first.commit({"a.yaml": "image: x:1\n"}, "first")
+    repository = GitOpsRepository(str(first.bare), tmp_path / "work")
+    assert repository.resolve("main") == first_head
+    shutil.rmtree(first.bare)
+    second = History(tmp_path / "gitops.git")
+    second_head = second.commit({"b.yaml": "image: x:2\n"}, "second")
+    assert repository.resolve("main") == second_head
+    assert repository.read_files("main", "") == {"b.yaml": "image: x:2\n"}
+
+
+def test_write_commit_matches_git_index_and_commit_tree(history, shas, tmp_path):
+    files = {
+        "apps/api/deployment.yaml": b"image: x:2\r\n",
+        "apps/new/nested/values.yaml": b"tag: '1'\n",
+        "apps/a-b.yaml": b"x\n",
+        "top.yaml": b"y\n",
+    }
+    sha = write_commit(history.repo, shas["bad"], files, "Edit\n\n", **AUTHOR)
+    env = {"GIT_INDEX_FILE": str(tmp_path / "index")}
+    history.repo.git.read_tree(shas["bad"], env=env)
+    for path, content in files.items():
+        (tmp_path / "blob").write_bytes(content)
+        blob = history.repo.git.hash_object("-w", str(tmp_path / "blob"))
+        history.repo.git.update_index(
+            "--add", "--cacheinfo", f"100644,{blob},{path}", env=env
+        )
+    expected_tree = history.repo.git.write_tree(env=env)
+    commit = history.repo.commit(sha)
+    assert commit.tree.hexsha == expected_tree
+    assert commit.parents[0].hexsha == shas["bad"]
+    assert commit.message == "Edit\n\n"
+    assert commit.author.name == "Test"
+    assert commit.committer.email == "test@localhost"
+    raw = history.repo.git.cat_file("commit", sha)
+    assert raw.count("\nparent ") == 1
+
+
+def test_write_commit_rejects_file_directory_collisions(history, shas):
+    with pytest.raises(ValueError, match="not a directory"):
+        write_commit(
+            history.repo,
+            shas["bad"],
+            {"apps/api/deployment.yaml/x.yaml": b"x\n"},
+            "m\n",
+            **AUTHOR,
+        )
+    with pytest.raises(ValueError, match="directory"):
+        write_commit(history.repo, shas["bad"], {"apps/api": b"x\n"}, "m\n", **AUTHOR)
+    with pytest.raises(ValueError, match="invalid repository path"):
+        write_commit(history.repo, shas["bad"], {"apps/../x": b"x\n"}, "m\n", **AUTHOR)
 
 
 def test_path_helpers():

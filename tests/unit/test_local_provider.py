@@ -503,3 +503,24 @@ def test_open_pin_reports_skipped_changes(setup):
     assert "1.spec.containers.0.image: head has None" in message
     record = json.loads(setup.records()[0].read_text())
     assert "Left unchanged" in record["body"]
+
+
+def test_open_revert_content_merge_uses_work_clone(setup):
+    repo = git.Repo(setup.bare)
+    path = "apps/cart/deployment.yaml"
+    text = _git(setup.bare, "show", f"{setup.bad}:{path}")
+    edited = write_commit(
+        repo,
+        setup.bad,
+        {path: text.replace("replicas: 2", "replicas: 3").encode()},
+        "Scale cart\n",
+        author_name="Someone",
+        author_email="someone@localhost",
+    )
+    repo.git.update_ref("refs/heads/main", edited)
+    pull = setup.provider.open(_request(setup.change, strategy="revert"))
+    content = _git(setup.bare, "show", f"{pull.head_commit}:{path}")
+    assert "replicas: 3" in content
+    assert GOOD in content
+    assert BAD not in content
+    assert (setup.tmp_path / "work").is_dir()

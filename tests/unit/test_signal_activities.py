@@ -35,13 +35,17 @@ class UnusedStarter:
 
 
 def duration_points(
-    app: str, seconds_before_end: float, buckets: list[int], status: int = 200
+    app: str,
+    seconds_before_end: float,
+    buckets: list[int],
+    status: int = 200,
+    end: datetime = END,
 ) -> ExportMetricsServiceRequest:
     point = metrics_pb2.HistogramDataPoint(
         attributes=[
             KeyValue(key="http.response.status_code", value=AnyValue(int_value=status))
         ],
-        time_unix_nano=int((END.timestamp() - seconds_before_end) * 1e9),
+        time_unix_nano=int((end.timestamp() - seconds_before_end) * 1e9),
         count=sum(buckets),
         bucket_counts=buckets,
         explicit_bounds=BOUNDS,
@@ -111,9 +115,16 @@ async def test_collect_evidence_reads_store(activities):
     assert [p.requests for p in evidence.points] == [100]
 
 
-async def test_collect_evidence_without_end_uses_now(activities):
+async def test_collect_evidence_without_end_uses_now():
+    # The point is written relative to the clock now, not to END, because the
+    # suite may run for minutes before this test.
+    store = GoldenSignalStore()
+    store.ingest(duration_points("recent", 5, [10, 0, 0, 0], end=datetime.now(UTC)))
+    settings = Settings()
+    app = create_app(settings, UnusedStarter(), store=store)
+    activities = SignalActivities(settings, transport=httpx.ASGITransport(app=app))
     unset = SignalQuery(
-        namespace="shop", app="healthy", window_seconds=60, step_seconds=15
+        namespace="shop", app="recent", window_seconds=60, step_seconds=15
     )
     evidence = await ActivityEnvironment().run(activities.collect_evidence, unset)
     assert evidence.has_data
