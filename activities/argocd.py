@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 SYNC_FAILED = "SyncFailed"
 
 # Maximum pause between two reads after transient errors, in seconds.
-MAX_BACKOFF_SECONDS = 30.0
+MAX_BACKOFF_SECONDS = 10.0
 
 
 # --- Errors -------------------------------------------------------------------

@@ -93,32 +93,15 @@ def score_batch(
     n_series, n_points = values.shape
     values = np.where(np.isfinite(values), values, np.nan)
 
-    # windows[s, t] contains values[s, t - baseline_points : t], NaN before 0.
-    padded = np.concatenate(
-        [np.full((n_series, baseline_points), np.nan), values], axis=1
-    )
-    windows = np.lib.stride_tricks.sliding_window_view(padded, baseline_points, axis=1)[
-        :, :n_points
-    ]
-    baseline_count = np.sum(~np.isnan(windows), axis=-1)
-
-    with warnings.catch_warnings():
-        # All-NaN windows give NaN medians, and those points are unscored.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        median = np.nanmedian(windows, axis=-1)
-        mad = np.nanmedian(np.abs(windows - median[..., None]), axis=-1)
-
-    scale = np.maximum(
-        MAD_TO_SIGMA * mad,
-        np.maximum(RELATIVE_SCALE_FLOOR * np.abs(median), ABSOLUTE_SCALE_FLOOR),
-    )
-    deviation = (values - median) / scale
-    if direction == "up":
-        z = np.maximum(deviation, 0.0)
-    elif direction == "down":
-        z = np.maximum(-deviation, 0.0)
-    else:
-        z = np.abs(deviation)
+    # Pass one scores against every earlier point. Pass two drops the points
+    # pass one flagged from the baselines, so an earlier incident does not
+    # widen the baseline and hide the next one. Flags come from earlier points
+    # only, so each score still uses only the points before it.
+    z, baseline_count = _robust_z(values, values, direction, baseline_points)
+    first_scored = ~np.isnan(values) & (baseline_count >= min_baseline_points)
+    flagged = first_scored & (z_to_score(np.where(first_scored, z, 0.0)) >= threshold)
+    clean = np.where(flagged, np.nan, values)
+    z, baseline_count = _robust_z(values, clean, direction, baseline_points)
 
     scored = ~np.isnan(values) & (baseline_count >= min_baseline_points)
     scores = np.where(scored, z_to_score(np.where(scored, z, 0.0)), np.nan)
@@ -154,6 +137,42 @@ def score_batch(
         sustained_points=sustained_points,
         points_scored=points_scored,
     )
+
+
+def _robust_z(
+    values: np.ndarray, baseline: np.ndarray, direction: str, baseline_points: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return each point's robust z-score against the earlier points of
+    `baseline`, and how many non-gap points each baseline holds."""
+    n_series, n_points = values.shape
+    # windows[s, t] contains values[s, t - baseline_points : t], NaN before 0.
+    padded = np.concatenate(
+        [np.full((n_series, baseline_points), np.nan), baseline], axis=1
+    )
+    windows = np.lib.stride_tricks.sliding_window_view(padded, baseline_points, axis=1)[
+        :, :n_points
+    ]
+    baseline_count = np.sum(~np.isnan(windows), axis=-1)
+
+    with warnings.catch_warnings():
+        # All-NaN windows give NaN medians, and those points are unscored.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        median = np.nanmedian(windows, axis=-1)
+        mad = np.nanmedian(np.abs(windows - median[..., None]), axis=-1)
+
+    scale = np.maximum(
+        MAD_TO_SIGMA * mad,
+        np.maximum(RELATIVE_SCALE_FLOOR * np.abs(median), ABSOLUTE_SCALE_FLOOR),
+    )
+    deviation = (values - median) / scale
+    if direction == "up":
+        z = np.maximum(deviation, 0.0)
+    elif direction == "down":
+        z = np.maximum(-deviation, 0.0)
+    else:
+        z = np.abs(deviation)
+
+    return z, baseline_count
 
 
 def pack_series(series_values: list[list[float | None]]) -> np.ndarray:

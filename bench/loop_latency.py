@@ -8,6 +8,9 @@ excluded from the figure (the clock stops at the merge). Prints p50, p99 and
 the median seconds of each stage before the merge.
 
     .venv/bin/python bench/loop_latency.py [--incidents 50] [--json FILE]
+
+Incidents are spaced by healthy periods (--gap-seconds) so that the anomaly
+detector's baseline is mostly healthy when the next bad deploy lands.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 async def one_incident(
-    stack: EmbeddedStack, http: httpx.AsyncClient
+    stack: EmbeddedStack, http: httpx.AsyncClient, gap_seconds: float
 ) -> tuple[float, IncidentStatus]:
     await asyncio.to_thread(
         push_image, stack.bare_path, stack.layout, DEMO_APP, BAD_IMAGE
@@ -102,10 +105,13 @@ async def one_incident(
     if status.outcome != "recovered":
         raise RuntimeError(f"incident ended {status.outcome}: {status.reasons}")
     await wait_for_error_ratio(http, above=False)
+    # Healthy time between incidents, as between real deploys, so the
+    # detector's baseline is mostly healthy again.
+    await asyncio.sleep(gap_seconds)
     return merged - posted, status
 
 
-async def run(incidents: int) -> dict:
+async def run(incidents: int, gap_seconds: float) -> dict:
     work_dir = Path(tempfile.mkdtemp(prefix="remediator-bench-"))
     stack = EmbeddedStack(work_dir=work_dir, environment=dict(ENVIRONMENT))
     await stack.start()
@@ -119,7 +125,7 @@ async def run(incidents: int) -> dict:
         ) as http:
             await asyncio.sleep(6)
             for index in range(incidents):
-                latency, status = await one_incident(stack, http)
+                latency, status = await one_incident(stack, http, gap_seconds)
                 latencies.append(latency)
                 for stage in status.stages:
                     if stage.name in stages:
@@ -147,8 +153,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--incidents", type=int, default=50)
     parser.add_argument("--json", type=Path, default=None, help="write results here")
+    parser.add_argument(
+        "--gap-seconds",
+        type=float,
+        default=10.0,
+        help="healthy seconds between one incident's end and the next bad deploy",
+    )
     args = parser.parse_args()
-    results = asyncio.run(run(args.incidents))
+    results = asyncio.run(run(args.incidents, args.gap_seconds))
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,21 @@ SEARCH_ATTRIBUTES = (
     "RemediationStage",
     "RemediationOutcome",
 )
+
+
+def stop_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this child process when its parent dies.
+
+    Passed as `preexec_fn`, so a demo or test killed with SIGKILL does not leave
+    its servers and workers running. Elsewhere it does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -110,6 +126,7 @@ def start_dev_server(
         stderr=subprocess.STDOUT,
         env={**os.environ, "TEMPORAL_CLI_SHOW_STACKS": "0"},
         start_new_session=True,
+        preexec_fn=stop_with_parent,
     )
     server = DevServer(process=process, port=port, ui_port=ui_port)
     deadline = time.monotonic() + ready_timeout

@@ -8,6 +8,7 @@ Secrets are `SecretStr` and never copied into workflow inputs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -79,11 +80,64 @@ class SignalSettings(BaseSettings):
 
     model_config = _group("SIGNALS")
 
+    backend: Literal["otlp", "prometheus"] = Field(
+        "otlp", description="golden-signal source: otlp (intake store) or prometheus"
+    )
     window_seconds: float = Field(300.0, description="evidence window, seconds")
     step_seconds: float = Field(15.0, description="resolution of the series, seconds")
     retention_seconds: float = Field(
         3600.0, description="how long the OTLP store keeps points, seconds"
     )
+
+
+class PrometheusSettings(BaseSettings):
+    """Connection and query settings of the Prometheus golden-signal backend."""
+
+    model_config = _group("PROMETHEUS")
+
+    url: str = Field("http://127.0.0.1:9090", description="Prometheus base URL")
+    timeout_seconds: float = Field(
+        10.0,
+        description="timeout of one query in seconds, also sent to Prometheus as "
+        "its query timeout. Keep it under the 15 s start-to-close timeout of "
+        "collect_evidence",
+    )
+    bearer_token: SecretStr | None = Field(
+        None, description="token sent as Authorization: Bearer <token>, if set"
+    )
+    verify_tls: bool = Field(True, description="check the server's certificate")
+    ca_file: Path | None = Field(
+        None, description="CA bundle for the server's certificate"
+    )
+    queries: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description='PromQL templates as JSON {"*" or "namespace/app": {signal: '
+        "template}}. Signals: request_rate, error_ratio, latency_p99, restarts. "
+        "Placeholders: {namespace}, {app}, {window}. An empty template turns "
+        "latency_p99 or restarts off",
+    )
+    queries_file: Path | None = Field(
+        None,
+        description="YAML or JSON file of the same shape as "
+        "REMEDIATOR_PROMETHEUS_QUERIES. Templates in that variable override the "
+        "file's",
+    )
+    scrape_interval_seconds: float = Field(
+        15.0,
+        description="scrape interval of the metrics in seconds. Range queries use "
+        "a rate window of max(step + scrape interval, 4 x scrape interval)",
+    )
+    min_requests: float = Field(
+        1.0, description="minimum requests in a window that count as traffic"
+    )
+    warnings_block_recovery: bool = Field(
+        True,
+        description="a verification interval whose queries returned warnings "
+        "(such as partial data) never counts as healthy",
+    )
+
+
+# --- templates -----------------------------------------------------------------
 
 
 class DetectionSettings(BaseSettings):
@@ -117,7 +171,9 @@ class GitSettings(BaseSettings):
 
     model_config = _group("GIT")
 
-    provider: str = Field("local", description="local (bare repository)")
+    provider: str = Field(
+        "local", description="local (bare repository), github or gitlab"
+    )
     repo_url: str = Field(
         "", description="repository URL or bare path; Argo CD's repoURL when unset"
     )
@@ -128,6 +184,19 @@ class GitSettings(BaseSettings):
     author_name: str = Field("Remediator", description="commit author name")
     author_email: str = Field("remediator@localhost", description="commit author email")
     strategy: str = Field("pin", description="pin (image back) or revert (commits)")
+    api_url: str = Field(
+        "",
+        description="forge API base URL; derived from the repository URL when "
+        "empty (api.github.com, <host>/api/v3, <host>/api/v4)",
+    )
+    repository: str = Field(
+        "", description="GitHub owner/name or GitLab project path or id"
+    )
+    token: SecretStr | None = Field(None, description="forge API token")
+    merge_method: Literal["merge", "squash", "rebase"] = Field(
+        "merge", description="how the forge merges the pull request"
+    )
+    api_timeout_seconds: float = Field(10.0, description="forge request timeout, s")
 
 
 class ArgoCDSettings(BaseSettings):
@@ -137,6 +206,13 @@ class ArgoCDSettings(BaseSettings):
 
     url: str = Field("http://127.0.0.1:8090", description="Argo CD API base URL")
     token: SecretStr | None = Field(None, description="Argo CD bearer token")
+    backend: Literal["rest", "kubernetes"] = Field(
+        "rest",
+        description="Argo CD REST API, or the Application resource in Kubernetes",
+    )
+    namespace: str = Field(
+        "argocd", description="namespace of the Application resources (kubernetes)"
+    )
     application_template: str = Field(
         "{app}", description="Application name built from {namespace} and {app}"
     )
@@ -182,6 +258,7 @@ class Settings(BaseSettings):
     temporal: TemporalSettings = Field(default_factory=TemporalSettings)
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
     signals: SignalSettings = Field(default_factory=SignalSettings)
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
     detection: DetectionSettings = Field(default_factory=DetectionSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     git: GitSettings = Field(default_factory=GitSettings)
@@ -195,6 +272,7 @@ GROUPS: dict[str, type[BaseSettings]] = {
     "TEMPORAL": TemporalSettings,
     "INTAKE": IntakeSettings,
     "SIGNALS": SignalSettings,
+    "PROMETHEUS": PrometheusSettings,
     "DETECTION": DetectionSettings,
     "POLICY": PolicySettings,
     "GIT": GitSettings,

@@ -11,12 +11,12 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.argocd import ArgoCDActivities, ArgoCDClient
+from activities.argocd import ArgoCDActivities
 from activities.budget import BudgetActivities
 from activities.escalation import EscalationActivities
 from activities.gitops.activities import GitOpsActivities
 from activities.policy import PolicyActivities
-from activities.signals import SignalActivities
+from activities.prometheus import signal_activities_for
 from remediator.settings import Settings
 from workflows.budget import RollbackBudgetWorkflow
 from workflows.incident import IncidentWorkflow
@@ -26,12 +26,20 @@ from workflows.incident import IncidentWorkflow
 GRACEFUL_SHUTDOWN = timedelta(seconds=20)
 
 
+def _argocd_activities(settings: Settings):
+    """Return the Argo CD backend that the settings choose."""
+    if settings.argocd.backend == "kubernetes":
+        from activities.argocd_kubernetes import KubernetesArgoCDActivities
+
+        return KubernetesArgoCDActivities(settings.argocd)
+    return ArgoCDActivities(settings.argocd)
+
+
 def build_worker(client: Client, settings: Settings) -> Worker:
     """Create the orchestrator worker for the settings' task queue."""
-    argocd = ArgoCDActivities(settings.argocd)
-    argocd_client = ArgoCDClient(settings.argocd.url, settings.argocd.token)
-    gitops = GitOpsActivities(settings.git, argocd_client.get_application)
-    signals = SignalActivities(settings)
+    argocd = _argocd_activities(settings)
+    gitops = GitOpsActivities(settings.git, argocd.get_application)
+    signals = signal_activities_for(settings)
     policy = PolicyActivities(settings.policy)
     budget = BudgetActivities(client, settings.temporal.task_queue)
     escalation = EscalationActivities()

@@ -222,11 +222,14 @@ class IncidentWorkflow:
         return evidence, anomaly, change, budget
 
     async def _collect_evidence(self) -> Evidence:
+        # The window ends at a time fixed in the history, so a retry after a
+        # worker crash reads the same window instead of a later one.
         query = SignalQuery(
             namespace=self._input.namespace,
             app=self._input.app,
             window_seconds=self._config.signal_window_seconds,
             step_seconds=self._config.signal_step_seconds,
+            end=workflow.now(),
         )
         try:
             # Local activities: quick reads that need no task queue round trip.
@@ -279,7 +282,7 @@ class IncidentWorkflow:
                     argocd_application=self._config.argocd_application,
                 ),
                 result_type=ChangeResult,
-                start_to_close_timeout=timedelta(seconds=60),
+                start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=READ_RETRY,
             )
         except ActivityError as err:
@@ -393,7 +396,7 @@ class IncidentWorkflow:
                     budget=self._budget_query(), incident_id=self._incident_id
                 ),
                 result_type=BudgetReservationResult,
-                start_to_close_timeout=timedelta(seconds=30),
+                start_to_close_timeout=timedelta(seconds=10),
                 retry_policy=READ_RETRY,
             )
         except ActivityError as err:
@@ -429,7 +432,7 @@ class IncidentWorkflow:
                     draft=draft,
                 ),
                 result_type=PullRequest,
-                start_to_close_timeout=timedelta(seconds=120),
+                start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=WRITE_RETRY,
             )
         except ActivityError as err:
@@ -449,7 +452,7 @@ class IncidentWorkflow:
                 "merge_pull_request",
                 MergeInput(incident_id=self._incident_id, pull_request=pull_request),
                 result_type=PullRequest,
-                start_to_close_timeout=timedelta(seconds=120),
+                start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=WRITE_RETRY,
             )
         except ActivityError as err:
@@ -477,8 +480,8 @@ class IncidentWorkflow:
             ),
             result_type=SyncResult,
             start_to_close_timeout=timeout,
-            # Above the activity's longest back-off (30 s) plus one HTTP timeout.
-            heartbeat_timeout=timedelta(seconds=60),
+            # Above the activity's longest back-off (10 s) plus one HTTP timeout.
+            heartbeat_timeout=timedelta(seconds=25),
             retry_policy=READ_RETRY,
         )
         await workflow.wait_condition(

@@ -23,6 +23,7 @@ import git
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.gitops.forges import FORGE_PROVIDERS, forge_provider
 from activities.gitops.local_provider import (
     InvalidInputError,
     LocalProvider,
@@ -301,6 +302,9 @@ class GitOpsActivities:
     def _repo_url_of(self, pull_request: PullRequest) -> str:
         if self.settings.repo_url:
             return self.settings.repo_url
+        # A forge provider derives the repository from the pull request's URL.
+        if pull_request.provider in FORGE_PROVIDERS:
+            return pull_request.url
         # The local provider's URL is the record file <bare>/remediator/pulls/<n>.json.
         parts = urlsplit(pull_request.url)
         if pull_request.provider == "local" and parts.scheme == "file":
@@ -312,10 +316,18 @@ class GitOpsActivities:
             non_retryable=True,
         )
 
-    def _provider(self, repo_url: str) -> LocalProvider:
+    def _provider(self, repo_url: str) -> Any:
+        if self.settings.provider in FORGE_PROVIDERS:
+            try:
+                return forge_provider(self.settings, repo_url)
+            except InvalidInputError as error:
+                raise ApplicationError(
+                    str(error), type=error.error_type, non_retryable=True
+                ) from error
         if self.settings.provider != "local":
             raise ApplicationError(
-                f"unsupported git provider {self.settings.provider!r}; expected local",
+                f"unsupported git provider {self.settings.provider!r}; "
+                "expected local, github or gitlab",
                 type="UnsupportedProvider",
                 non_retryable=True,
             )

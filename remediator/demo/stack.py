@@ -30,7 +30,12 @@ from temporalio.client import Client
 from remediator.demo.argocd_standin import ArgoCDStandIn
 from remediator.demo.demo_app import DemoApplication, ImageBehaviour
 from remediator.demo.seed import SeedResult, render_image, seed_repository
-from remediator.devserver import DevServer, free_port, start_dev_server
+from remediator.devserver import (
+    DevServer,
+    free_port,
+    start_dev_server,
+    stop_with_parent,
+)
 from remediator.intake.app import TemporalStarter, create_app
 from remediator.settings import Settings
 from remediator.temporal import connect
@@ -214,6 +219,7 @@ class EmbeddedStack:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=stop_with_parent,
         )
 
     async def _serve(self, app, port: int) -> None:

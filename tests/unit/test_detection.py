@@ -171,3 +171,20 @@ def test_pack_series_pads_at_start() -> None:
 def test_score_batch_rejects_one_dimension() -> None:
     with pytest.raises(ValueError, match="2 dimensions"):
         score_batch(np.array([1.0, 2.0]))
+
+
+def test_earlier_incidents_stay_out_of_baseline() -> None:
+    # Two earlier error bursts fill a third of the history; the third burst
+    # must still stand out, because flagged points leave the baseline.
+    rng = np.random.default_rng(1)
+
+    def good(n: int) -> np.ndarray:
+        return 0.005 + np.clip(rng.normal(0, 0.01, n), -0.005, None)
+
+    def bad(n: int) -> np.ndarray:
+        return 0.35 + rng.normal(0, 0.05, n)
+
+    series = np.concatenate([good(8), bad(5), good(5), bad(5), good(5), bad(4)])
+    result = score_batch(series[None, :])
+    assert bool(result.anomalous[0])
+    assert int(result.sustained_points[0]) == 4

@@ -484,7 +484,7 @@ async def test_activities_reject_remote_url_for_local_provider(setup):
 
 
 async def test_activities_reject_unknown_provider(setup):
-    activities = _activities(setup.tmp_path, provider="github")
+    activities = _activities(setup.tmp_path, provider="bitbucket")
     with pytest.raises(ApplicationError) as raised:
         await activities.open_pull_request(_request(setup.change))
     assert raised.value.type == "UnsupportedProvider"
