@@ -2,13 +2,14 @@
 
 The incident workflow calls `escalate` for every outcome that a person has to
 act on. Notifiers are pluggable: the log notifier always runs, and a generic
-JSON webhook runs when `REMEDIATOR_ESCALATION_WEBHOOK_URL` is set.
+JSON webhook runs when `REMEDIATOR_ESCALATION_WEBHOOK_URL` is set. The webhook
+receives the `EscalationInput` model as JSON: incident id, application,
+outcome, reasons and the Web UI link.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import httpx
 from temporalio import activity
@@ -21,11 +22,15 @@ logger = logging.getLogger(__name__)
 class EscalationActivities:
     """Send an escalation to every configured notifier."""
 
-    def __init__(self, webhook_url: str | None = None, timeout: float = 10.0) -> None:
-        self._webhook_url = webhook_url or os.environ.get(
-            "REMEDIATOR_ESCALATION_WEBHOOK_URL"
-        )
+    def __init__(
+        self,
+        webhook_url: str = "",
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._webhook_url = webhook_url
         self._timeout = timeout
+        self._transport = transport
 
     @activity.defn(name="escalate")
     async def escalate(self, request: EscalationInput) -> None:
@@ -40,7 +45,9 @@ class EscalationActivities:
         )
         if not self._webhook_url:
             return
-        async with httpx.AsyncClient(timeout=self._timeout) as client:
+        async with httpx.AsyncClient(
+            timeout=self._timeout, transport=self._transport
+        ) as client:
             response = await client.post(
                 self._webhook_url, json=request.model_dump(mode="json")
             )

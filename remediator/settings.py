@@ -250,6 +250,18 @@ class RemediationSettings(BaseSettings):
     )
 
 
+class EscalationSettings(BaseSettings):
+    """Where escalations go besides the log."""
+
+    model_config = _group("ESCALATION")
+
+    webhook_url: str = Field(
+        "",
+        description="JSON webhook that receives each escalation; empty: log only",
+    )
+    timeout_seconds: float = Field(10.0, description="webhook request timeout, s")
+
+
 class Settings(BaseSettings):
     """All settings groups."""
 
@@ -266,6 +278,7 @@ class Settings(BaseSettings):
     verify: VerifySettings = Field(default_factory=VerifySettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     remediation: RemediationSettings = Field(default_factory=RemediationSettings)
+    escalation: EscalationSettings = Field(default_factory=EscalationSettings)
 
 
 GROUPS: dict[str, type[BaseSettings]] = {
@@ -280,6 +293,7 @@ GROUPS: dict[str, type[BaseSettings]] = {
     "VERIFY": VerifySettings,
     "BUDGET": BudgetSettings,
     "REMEDIATION": RemediationSettings,
+    "ESCALATION": EscalationSettings,
 }
 
 

@@ -42,7 +42,9 @@ def build_worker(client: Client, settings: Settings) -> Worker:
     signals = signal_activities_for(settings)
     policy = PolicyActivities(settings.policy)
     budget = BudgetActivities(client, settings.temporal.task_queue)
-    escalation = EscalationActivities()
+    escalation = EscalationActivities(
+        settings.escalation.webhook_url, settings.escalation.timeout_seconds
+    )
     return Worker(
         client,
         task_queue=settings.temporal.task_queue,

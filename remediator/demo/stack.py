@@ -121,9 +121,10 @@ class EmbeddedStack:
             "REMEDIATOR_INTAKE_HOST": "127.0.0.1",
             "REMEDIATOR_INTAKE_PORT": str(intake_port),
             "REMEDIATOR_INTAKE_URL": f"http://127.0.0.1:{intake_port}",
-            "REMEDIATOR_INTAKE_BEARER_TOKEN": secrets.token_urlsafe(24),
+            # Tokens set in the environment win, so a test can plant markers.
+            "REMEDIATOR_INTAKE_BEARER_TOKEN": _token("REMEDIATOR_INTAKE_BEARER_TOKEN"),
             "REMEDIATOR_ARGOCD_URL": f"http://127.0.0.1:{argocd_port}",
-            "REMEDIATOR_ARGOCD_TOKEN": secrets.token_urlsafe(24),
+            "REMEDIATOR_ARGOCD_TOKEN": _token("REMEDIATOR_ARGOCD_TOKEN"),
             "REMEDIATOR_GIT_WORK_DIR": str(self.work_dir / "git-work"),
             **self.environment,
         }
@@ -302,6 +303,11 @@ async def task_queue_has_pollers(
         )
     )
     return len(response.pollers) > 0
+
+
+def _token(variable: str) -> str:
+    """Return the token set in the environment, or a new random one."""
+    return os.environ.get(variable) or secrets.token_urlsafe(24)
 
 
 def _settings_from(environment: dict[str, str]) -> Settings:
