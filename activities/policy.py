@@ -17,6 +17,7 @@ import logging
 import math
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 ACTIONS = ("rollback", "escalate", "none")
 REQUIRED_RESULT_KEYS = ("allow", "action", "reasons")
+DECISION_LATENCY_METRIC = "remediation_decision_latency_seconds"
 
 _ERROR_MESSAGE = re.compile(r"\(errormsg \d+:([^\n]*)\)")
 _ERROR_FILE = re.compile(r"\(error \d+:([^|\s]+)\|")
@@ -304,6 +306,7 @@ class PolicyActivities:
         engine = self.engine
         document = _without_non_finite(input.model_dump(mode="json"))
         query = self.settings.query
+        started = time.monotonic()
         try:
             result = await asyncio.wait_for(
                 asyncio.to_thread(engine.evaluate, query, document),
@@ -330,6 +333,8 @@ class PolicyActivities:
                 error,
             )
             return fail_closed(str(error), engine.name)
+        finally:
+            _record_decision_latency(time.monotonic() - started, engine.name)
 
         if result is None:
             logger.error(
@@ -357,3 +362,16 @@ class PolicyActivities:
             "; ".join(decision.reasons),
         )
         return decision
+
+
+def _record_decision_latency(seconds: float, engine: str) -> None:
+    """Record one policy evaluation on the worker's metric meter.
+
+    Outside a worker (a direct call in a test) there is no meter, so nothing is
+    recorded.
+    """
+    if not activity.in_activity():
+        return
+    activity.metric_meter().create_histogram_float(
+        DECISION_LATENCY_METRIC, "Seconds one policy evaluation took", "s"
+    ).record(seconds, {"engine": engine})

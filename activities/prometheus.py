@@ -68,7 +68,12 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 from urllib3.util.retry import Retry
 
-from activities.signals import SignalActivities, _check_thresholds, judge_interval
+from activities.signals import (
+    SignalActivities,
+    _check_thresholds,
+    judge_interval,
+    with_recent_summary,
+)
 from remediator.settings import PrometheusSettings, Settings
 from workflows.models import (
     Evidence,
@@ -552,7 +557,16 @@ class PrometheusSignals:
     async def collect_evidence(self, query: SignalQuery) -> Evidence:
         """Read one application's golden signals and their series over the window."""
         reading = await self.read(query, with_points=True)
-        return reading.evidence
+        if not query.recent_seconds or query.recent_seconds >= query.window_seconds:
+            return reading.evidence
+        end = query.end or self._clock()
+        recent = await self.read(
+            query.model_copy(
+                update={"window_seconds": query.recent_seconds, "end": end}
+            ),
+            with_points=False,
+        )
+        return with_recent_summary(reading.evidence, recent.evidence)
 
     @activity.defn(name="verify_interval")
     async def verify_interval(self, input: VerifyInput) -> VerifyResult:

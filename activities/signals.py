@@ -43,7 +43,17 @@ class SignalActivities:
     @activity.defn(name="collect_evidence")
     async def collect_evidence(self, query: SignalQuery) -> Evidence:
         """Read one application's golden signals over the query's window."""
-        return await self._fetch_evidence(query)
+        evidence = await self._fetch_evidence(query)
+        if not query.recent_seconds or query.recent_seconds >= query.window_seconds:
+            return evidence
+        recent = query.model_copy(
+            update={
+                "window_seconds": query.recent_seconds,
+                "step_seconds": query.recent_seconds,
+                "end": query.end or _end_of(evidence),
+            }
+        )
+        return with_recent_summary(evidence, await self._fetch_evidence(recent))
 
     @activity.defn(name="verify_interval")
     async def verify_interval(self, input: VerifyInput) -> VerifyResult:
@@ -122,6 +132,26 @@ def _check_thresholds(input: VerifyInput) -> None:
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+def _end_of(evidence: Evidence) -> datetime | None:
+    return evidence.points[-1].end if evidence.points else None
+
+
+def with_recent_summary(window: Evidence, recent: Evidence) -> Evidence:
+    """Return the window's points with the summary signals of the recent part.
+
+    No data in the recent part is no data, whatever the window held earlier.
+    """
+    return window.model_copy(
+        update={
+            "has_data": recent.has_data,
+            "no_traffic": recent.no_traffic,
+            "request_rate": recent.request_rate,
+            "error_ratio": recent.error_ratio,
+            "latency_p99_seconds": recent.latency_p99_seconds,
+        }
+    )
 
 
 def judge_interval(evidence: Evidence, input: VerifyInput) -> VerifyResult:

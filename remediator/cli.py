@@ -3,7 +3,8 @@
 Subcommands: `demo` (the whole loop on the embedded stack), `dev-server` (the
 embedded Temporal server with the Web UI), `serve` (the intake), `worker
 orchestrator|detection` (one worker process), and the operator commands
-`approve`, `abort`, `status` and `list` on incident workflows. Every process
+`approve`, `abort`, `status` and `list` on incident workflows, and `config
+check`, which connects to each configured backend. Every process
 reads the same settings from `REMEDIATOR_*` environment variables; `--help`
 lists them.
 
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("kind", choices=("orchestrator", "detection"))
 
+    from remediator.config_check import add_config_command
+
+    add_config_command(commands, epilog, formatter)
+
     from remediator.control_cli import add_control_commands
 
     add_control_commands(commands, epilog, formatter, os.environ.get("USER"))
@@ -185,6 +190,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         asyncio.run(run_worker(args.kind, settings))
         return 0
+    if args.command == "config":
+        from remediator.config_check import run_config_check
+
+        return asyncio.run(run_config_check(args, settings))
     from remediator.control_cli import COMMANDS, run_control_command
 
     if args.command in COMMANDS:

@@ -43,6 +43,41 @@ class TemporalSettings(BaseSettings):
         description="upsert the Remediation* search attributes; they must be "
         "registered in the namespace first (remediator dev-server does it)",
     )
+    tls: bool = Field(
+        False,
+        description="connect with TLS. An API key or any tls_* setting turns TLS "
+        "on as well",
+    )
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM client certificate for mutual TLS; needs tls_key_file",
+    )
+    tls_key_file: Path | None = Field(
+        None, description="PEM private key of the mutual TLS client certificate"
+    )
+    tls_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle that verifies the server's certificate; the "
+        "system roots when unset",
+    )
+    tls_server_name: str = Field(
+        "",
+        description="name sent as SNI and checked against the server's "
+        "certificate, when it differs from the host in address",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="Temporal Cloud API key, sent as Authorization: Bearer <key>",
+    )
+    metrics_port: int | None = Field(
+        None,
+        description="port of the worker's Prometheus /metrics endpoint (Temporal "
+        "SDK and remediation_* metrics); unset turns it off. Give each worker "
+        "process on one host its own port",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="listen address of the worker's /metrics endpoint"
+    )
 
 
 class IntakeSettings(BaseSettings):
@@ -85,6 +120,11 @@ class SignalSettings(BaseSettings):
     )
     window_seconds: float = Field(300.0, description="evidence window, seconds")
     step_seconds: float = Field(15.0, description="resolution of the series, seconds")
+    recent_seconds: float = Field(
+        60.0,
+        description="the policy compares the signals of the last recent_seconds "
+        "of the window with its thresholds; the detector sees the whole window",
+    )
     retention_seconds: float = Field(
         3600.0, description="how long the OTLP store keeps points, seconds"
     )
@@ -172,7 +212,9 @@ class GitSettings(BaseSettings):
     model_config = _group("GIT")
 
     provider: str = Field(
-        "local", description="local (bare repository), github or gitlab"
+        "local",
+        description="local (bare repository), git (push to any git remote, no "
+        "pull request), github or gitlab",
     )
     repo_url: str = Field(
         "", description="repository URL or bare path; Argo CD's repoURL when unset"
@@ -192,7 +234,11 @@ class GitSettings(BaseSettings):
     repository: str = Field(
         "", description="GitHub owner/name or GitLab project path or id"
     )
-    token: SecretStr | None = Field(None, description="forge API token")
+    token: SecretStr | None = Field(
+        None,
+        description="forge API token; for the git provider, the HTTPS password "
+        "sent as basic auth to an http(s) remote",
+    )
     merge_method: Literal["merge", "squash", "rebase"] = Field(
         "merge", description="how the forge merges the pull request"
     )

@@ -12,7 +12,7 @@ import logging
 import signal
 
 from remediator.settings import Settings
-from remediator.temporal import connect
+from remediator.temporal import connect, worker_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,22 @@ async def run_worker(kind: str, settings: Settings) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown worker kind {kind!r}; use one of {', '.join(KINDS)}")
     try:
-        client = await connect(settings.temporal)
+        runtime = worker_runtime(settings.temporal)
+    except (RuntimeError, ValueError) as err:
+        raise SystemExit(
+            f"Worker {kind} cannot serve metrics on "
+            f"{settings.temporal.metrics_host}:{settings.temporal.metrics_port}: "
+            f"{err}. Choose a free REMEDIATOR_TEMPORAL_METRICS_PORT."
+        ) from None
+    if runtime is not None:
+        logger.info(
+            "Worker %s serves Prometheus metrics at http://%s:%s/metrics.",
+            kind,
+            settings.temporal.metrics_host,
+            settings.temporal.metrics_port,
+        )
+    try:
+        client = await connect(settings.temporal, runtime=runtime)
     except RuntimeError as err:
         raise SystemExit(
             f"Worker {kind} cannot connect to Temporal at "

@@ -85,6 +85,14 @@ CLEANUP_RETRY = RetryPolicy(
 )
 DEFAULT_MAX_ERROR_RATIO = 0.05
 
+# Metrics recorded through `workflow.metric_meter()`, which records nothing
+# while a worker replays history and adds no commands to it. The meter adds the
+# attributes `namespace` (the Temporal namespace), `task_queue` and
+# `workflow_type`, so the application's namespace is `app_namespace`.
+INCIDENTS_METRIC = "remediation_incidents_total"
+STAGE_DURATION_METRIC = "remediation_stage_duration_seconds"
+BUDGET_DENIALS_METRIC = "remediation_budget_denials_total"
+
 
 class _Finish(Exception):
     """Raised inside the loop to end the incident with an outcome."""
@@ -230,6 +238,7 @@ class IncidentWorkflow:
             window_seconds=self._config.signal_window_seconds,
             step_seconds=self._config.signal_step_seconds,
             end=workflow.now(),
+            recent_seconds=self._config.signal_recent_seconds,
         )
         try:
             # Local activities: quick reads that need no task queue round trip.
@@ -580,6 +589,7 @@ class IncidentWorkflow:
                 await self._release_budget(commit=False)
         self._status.outcome = outcome.value
         self._status.reasons = [r for r in finish.reasons if r]
+        self._count_outcome(outcome)
         if outcome in (Outcome.ESCALATED, Outcome.BUDGET_EXHAUSTED):
             await self._escalate(outcome)
         self._enter(None)
@@ -684,6 +694,22 @@ class IncidentWorkflow:
     def _close(self, stage: Stage) -> None:
         timing, started = self._open_stages.pop(stage.value)
         timing.seconds = round((workflow.now() - started).total_seconds(), 3)
+        workflow.metric_meter().create_histogram_float(
+            STAGE_DURATION_METRIC, "Seconds an incident spent in one stage", "s"
+        ).record(timing.seconds, {"stage": stage.value})
+
+    def _count_outcome(self, outcome: Outcome) -> None:
+        """Count the ended incident, and a budget denial when the budget ended it."""
+        meter = workflow.metric_meter()
+        application = {"app_namespace": self._input.namespace, "app": self._input.app}
+        meter.create_counter(INCIDENTS_METRIC, "Incidents ended, by outcome").add(
+            1, {"outcome": outcome.value, **application}
+        )
+        if outcome is Outcome.BUDGET_EXHAUSTED:
+            meter.create_counter(
+                BUDGET_DENIALS_METRIC,
+                "Incidents ended without a rollback because the budget was used up",
+            ).add(1, application)
 
     def _enter(self, stage: Stage | None) -> None:
         """Close every open stage and start the next one, if any."""

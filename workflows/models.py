@@ -104,6 +104,7 @@ class IncidentConfig(BaseModel):
     argocd_application: str
     signal_window_seconds: float = 300.0
     signal_step_seconds: float = 15.0
+    signal_recent_seconds: float | None = None
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     detection_task_queue: str = "remediation-detection"
     detection_timeout_seconds: float = Field(
@@ -146,6 +147,12 @@ class SignalQuery(BaseModel):
     step_seconds: float
     end: datetime | None = Field(
         default=None, description="end of the window; the activity's clock when unset"
+    )
+    recent_seconds: float | None = Field(
+        default=None,
+        description="the summary signals cover only the last recent_seconds of the "
+        "window, so a bad deploy minutes old is not averaged away; points still "
+        "cover the whole window",
     )
 
 

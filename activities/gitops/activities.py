@@ -29,6 +29,11 @@ from activities.gitops.local_provider import (
     LocalProvider,
     PermanentGitOpsError,
 )
+from activities.gitops.plain_remote import (
+    AuthenticatedClone,
+    PlainRemoteProvider,
+    credential_env,
+)
 from activities.gitops.repository import (
     GitOpsRepository,
     branch_ref,
@@ -175,12 +180,20 @@ class GitOpsActivities:
         suspect: str,
         history: list[tuple[str, dict]],
     ) -> ChangeResult:
-        repository = GitOpsRepository(
-            repo_url,
-            self.settings.work_dir,
-            author_name=self.settings.author_name,
-            author_email=self.settings.author_email,
-        )
+        identity = {
+            "author_name": self.settings.author_name,
+            "author_email": self.settings.author_email,
+        }
+        if self.settings.provider == "git" and local_path_of(repo_url) is None:
+            # The git provider's token must reach the remote for reads too.
+            repository: GitOpsRepository = AuthenticatedClone(
+                repo_url,
+                self.settings.work_dir,
+                credential_env(repo_url, self.settings.token),
+                **identity,
+            )
+        else:
+            repository = GitOpsRepository(repo_url, self.settings.work_dir, **identity)
         with repository.session() as repo:
             suspect_sha = resolve_commit(repo, suspect)
             if suspect_sha is None:
@@ -302,8 +315,9 @@ class GitOpsActivities:
     def _repo_url_of(self, pull_request: PullRequest) -> str:
         if self.settings.repo_url:
             return self.settings.repo_url
-        # A forge provider derives the repository from the pull request's URL.
-        if pull_request.provider in FORGE_PROVIDERS:
+        # A forge provider derives the repository from the pull request's URL,
+        # and the git provider's URL is the remote's, without credentials.
+        if pull_request.provider in (*FORGE_PROVIDERS, "git"):
             return pull_request.url
         # The local provider's URL is the record file <bare>/remediator/pulls/<n>.json.
         parts = urlsplit(pull_request.url)
@@ -324,10 +338,12 @@ class GitOpsActivities:
                 raise ApplicationError(
                     str(error), type=error.error_type, non_retryable=True
                 ) from error
+        if self.settings.provider == "git":
+            return self._plain_remote_provider(repo_url)
         if self.settings.provider != "local":
             raise ApplicationError(
                 f"unsupported git provider {self.settings.provider!r}; "
-                "expected local, github or gitlab",
+                "expected local, git, github or gitlab",
                 type="UnsupportedProvider",
                 non_retryable=True,
             )
@@ -343,6 +359,20 @@ class GitOpsActivities:
             return LocalProvider(
                 bare_path,
                 self.settings.work_dir,
+                author_name=self.settings.author_name,
+                author_email=self.settings.author_email,
+            )
+        except InvalidInputError as error:
+            raise ApplicationError(
+                str(error), type=error.error_type, non_retryable=True
+            ) from error
+
+    def _plain_remote_provider(self, repo_url: str) -> PlainRemoteProvider:
+        try:
+            return PlainRemoteProvider(
+                repo_url,
+                self.settings.work_dir,
+                token=self.settings.token,
                 author_name=self.settings.author_name,
                 author_email=self.settings.author_email,
             )

@@ -10,8 +10,10 @@ uvicorn. Routes:
 - `GET /v1/signals/{namespace}/{app}`: golden signals as `Evidence` JSON, read
   by the `collect_evidence` and `verify_interval` activities.
 - `GET /healthz`: liveness.
+- `GET /metrics`: the intake's own Prometheus metrics (`remediator_intake_*`).
 
 When `IntakeSettings.bearer_token` is set, every `/v1/` route requires it.
+`/healthz` and `/metrics` need no token and reveal none.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from pydantic import ValidationError
@@ -32,6 +35,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 from remediator.intake.alertmanager import IntakePlan, PlanEntry, plan_incidents
+from remediator.intake.metrics import IntakeMetrics, RequestTimer
 from remediator.intake.otlp import (
     BodyTooLargeError,
     UnsupportedEncodingError,
@@ -119,6 +123,7 @@ def build_incident_input(entry: PlanEntry, settings: Settings) -> IncidentInput:
         ),
         signal_window_seconds=settings.signals.window_seconds,
         signal_step_seconds=settings.signals.step_seconds,
+        signal_recent_seconds=settings.signals.recent_seconds,
         verify=VerifyConfig(
             interval_seconds=settings.verify.interval_seconds,
             consecutive_intervals=settings.verify.consecutive_intervals,
@@ -351,6 +356,20 @@ def current_trace_id(span: trace.Span) -> str:
     return format(trace_id, "032x")
 
 
+def _span_parent(request: Request) -> tuple[otel_context.Context, trace.SpanKind]:
+    """Return the parent context and kind of the intake's span.
+
+    When a tracer provider is configured, FastAPI's own telemetry (or an ASGI
+    instrumentation) starts a server span from the request's trace headers.
+    The intake's span is then its child, so the HTTP request, the workflow and
+    the activities share one trace. Without such a span the intake's span is
+    the server span, and its parent comes from the request's `traceparent`.
+    """
+    if trace.get_current_span().get_span_context().is_valid:
+        return otel_context.get_current(), trace.SpanKind.INTERNAL
+    return propagate.extract(request.headers), trace.SpanKind.SERVER
+
+
 def _log_plan(plan: IntakePlan) -> None:
     if plan.unroutable:
         first = plan.unroutable[0]
@@ -368,6 +387,13 @@ def _log_plan(plan: IntakePlan) -> None:
             plan.truncated_alerts,
             sum(len(entry.alerts) for entry in plan.entries),
         )
+
+
+def _count_plan(metrics: IntakeMetrics, plan: IntakePlan) -> None:
+    for entry in plan.entries:
+        for alert in entry.alerts:
+            metrics.alerts_received.labels(alert.status).inc()
+    metrics.unroutable_alerts.inc(len(plan.unroutable))
 
 
 # --- Application ---
@@ -390,10 +416,19 @@ def create_app(
     api = FastAPI(title="Remediator intake")
     api.state.store = store
     api.state.settings = settings
+    metrics = IntakeMetrics()
+    api.state.metrics = metrics
+    api.add_middleware(RequestTimer, metrics=metrics)
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @api.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(
+            metrics.render(), headers={"Content-Type": metrics.content_type}
+        )
 
     @api.post("/v1/alerts", status_code=202, dependencies=authorized)
     async def receive_alerts(request: Request) -> Response:
@@ -410,9 +445,9 @@ def create_app(
                 raise HTTPException(413, str(error)) from error
             raise HTTPException(400, f"invalid compressed body: {error}") from error
 
-        parent = propagate.extract(request.headers)
+        parent, kind = _span_parent(request)
         with tracer.start_as_current_span(
-            "intake.alerts", context=parent, kind=trace.SpanKind.SERVER
+            "intake.alerts", context=parent, kind=kind
         ) as span:
             try:
                 plan = plan_incidents(body, settings)
@@ -427,6 +462,7 @@ def create_app(
                 )
                 return validation_error_response(error)
             _log_plan(plan)
+            _count_plan(metrics, plan)
             trace_id = current_trace_id(span)
             span.set_attribute("remediator.applications", len(plan.entries))
             span.set_attribute("remediator.unroutable_alerts", len(plan.unroutable))
@@ -465,6 +501,8 @@ def create_app(
                 )
                 continue
             incidents.append(workflow_id)
+            action = "start" if entry.firing else "signal"
+            metrics.incidents_signalled.labels(action).inc()
             logger.info(
                 "Signalled incident %s with %d alerts (%d firing), trace %s",
                 workflow_id,
@@ -494,6 +532,8 @@ def create_app(
             store,
             max_bytes,
         )
+        metrics.otlp_points.labels("accepted").inc(result.accepted_points)
+        metrics.otlp_points.labels("rejected").inc(result.rejected_points)
         return Response(
             result.body, status_code=result.status_code, media_type=result.media_type
         )

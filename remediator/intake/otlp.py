@@ -46,6 +46,9 @@ class OtlpResponse:
     status_code: int
     body: bytes
     media_type: str
+    # Points of a decoded request that the store kept or refused.
+    accepted_points: int = 0
+    rejected_points: int = 0
 
 
 def media_type_of(content_type: str | None) -> str:
@@ -174,4 +177,10 @@ def export_metrics(
             result.rejected_points + result.accepted_points,
             response.partial_success.error_message,
         )
-    return OtlpResponse(200, encode_message(response, media_type), media_type)
+    return OtlpResponse(
+        200,
+        encode_message(response, media_type),
+        media_type,
+        accepted_points=result.accepted_points,
+        rejected_points=result.rejected_points,
+    )

@@ -285,3 +285,27 @@ def test_nan_error_ratio_is_not_healthy():
     result = judge_interval(evidence, verify("cart"))
     assert not result.healthy
     assert result.error_ratio is None
+
+
+async def test_collect_evidence_summarises_recent_part():
+    # A bad minute at the end of a healthy window: the summary shows the bad
+    # minute, the points still show the whole window.
+    now = datetime.now(UTC).replace(microsecond=0)
+    store = GoldenSignalStore()
+    store.ingest(duration_points("deploy", 50, [100, 0, 0, 0], end=now))
+    store.ingest(duration_points("deploy", 5, [60, 0, 0, 0], end=now))
+    store.ingest(duration_points("deploy", 5, [40, 0, 0, 0], status=500, end=now))
+    settings = Settings()
+    app = create_app(settings, UnusedStarter(), store=store)
+    activities = SignalActivities(settings, transport=httpx.ASGITransport(app=app))
+    query = SignalQuery(
+        namespace="shop",
+        app="deploy",
+        window_seconds=60,
+        step_seconds=15,
+        end=now,
+        recent_seconds=15,
+    )
+    evidence = await ActivityEnvironment().run(activities.collect_evidence, query)
+    assert evidence.error_ratio == pytest.approx(0.4)
+    assert sum(point.requests for point in evidence.points) == 200
