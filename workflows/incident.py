@@ -19,7 +19,8 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
@@ -84,6 +85,9 @@ CLEANUP_RETRY = RetryPolicy(
     maximum_attempts=5,
 )
 DEFAULT_MAX_ERROR_RATIO = 0.05
+# A failed local activity reaches the workflow as its own error, not wrapped in
+# an ActivityError as a failed activity is.
+LOCAL_ACTIVITY_FAILURES = (ActivityError, ApplicationError, TemporalTimeoutError)
 
 # Metrics recorded through `workflow.metric_meter()`, which records nothing
 # while a worker replays history and adds no commands to it. The meter adds the
@@ -249,7 +253,7 @@ class IncidentWorkflow:
                 start_to_close_timeout=timedelta(seconds=15),
                 retry_policy=READ_RETRY,
             )
-        except ActivityError as err:
+        except LOCAL_ACTIVITY_FAILURES as err:
             raise _Finish(
                 Outcome.ESCALATED, f"metric source did not answer: {_cause(err)}"
             ) from err
@@ -324,7 +328,7 @@ class IncidentWorkflow:
                 start_to_close_timeout=timedelta(seconds=15),
                 retry_policy=READ_RETRY,
             )
-        except ActivityError as err:
+        except LOCAL_ACTIVITY_FAILURES as err:
             raise _Finish(
                 Outcome.ESCALATED, f"could not read the rollback budget: {_cause(err)}"
             ) from err
@@ -359,7 +363,7 @@ class IncidentWorkflow:
                 start_to_close_timeout=timedelta(seconds=15),
                 retry_policy=READ_RETRY,
             )
-        except ActivityError as err:
+        except LOCAL_ACTIVITY_FAILURES as err:
             # No decision means no action: fail closed.
             raise _Finish(
                 Outcome.ESCALATED, f"policy gave no decision: {_cause(err)}"

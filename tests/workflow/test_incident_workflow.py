@@ -71,6 +71,8 @@ class FakeWorld:
         self.budget_granted = True
         self.verify_healthy = [True] * 10
         self.sync_error: str | None = None
+        self.evidence_error: str | None = None
+        self.decide_error: str | None = None
         self.escalations: list[EscalationInput] = []
         self.releases: list[BudgetRelease] = []
         self.pull_requests: list[PullRequestInput] = []
@@ -81,6 +83,8 @@ class FakeWorld:
         @activity.defn(name="collect_evidence")
         async def collect_evidence(query: SignalQuery) -> Evidence:
             world.calls.append("collect_evidence")
+            if world.evidence_error:
+                raise ApplicationError(world.evidence_error, non_retryable=True)
             points = [
                 SignalPoint(end=NOW, requests=100, errors=40, error_ratio=0.4)
             ] * 5
@@ -125,6 +129,8 @@ class FakeWorld:
         @activity.defn(name="decide")
         async def decide(request: DecisionInput) -> Decision:
             world.calls.append("decide")
+            if world.decide_error:
+                raise ApplicationError(world.decide_error, non_retryable=True)
             return world.decision
 
         @activity.defn(name="reserve_budget")
@@ -369,6 +375,24 @@ async def test_verification_failure_escalates(time_skipping_env, task_queue):
     assert status.outcome == "escalated"
     assert world.calls.count("merge_pull_request") == 1
     assert [r.commit for r in world.releases] == [True]
+
+
+async def test_metric_source_down_escalates(time_skipping_env, task_queue):
+    world = FakeWorld()
+    world.evidence_error = "failed to connect to Prometheus"
+    status = await run_incident(time_skipping_env, task_queue, world)
+    assert status.outcome == "escalated"
+    assert "metric source did not answer" in status.reasons[0]
+    assert "open_pull_request" not in world.calls
+
+
+async def test_policy_error_escalates(time_skipping_env, task_queue):
+    world = FakeWorld()
+    world.decide_error = "policy engine crashed"
+    status = await run_incident(time_skipping_env, task_queue, world)
+    assert status.outcome == "escalated"
+    assert "policy gave no decision" in status.reasons[0]
+    assert "open_pull_request" not in world.calls
 
 
 async def test_sync_failure_escalates(time_skipping_env, task_queue):
