@@ -80,6 +80,34 @@ class TemporalSettings(BaseSettings):
     )
 
 
+class WorkerSettings(BaseSettings):
+    """The health endpoint that each worker process serves to its probes."""
+
+    model_config = _group("WORKER")
+
+    health_host: str = Field(
+        "127.0.0.1",
+        description="listen address of the worker's /healthz and /readyz "
+        "endpoint; 0.0.0.0 in a container so the kubelet reaches it",
+    )
+    health_port: int | None = Field(
+        8081,
+        description="port of the worker's /healthz (process up) and /readyz "
+        "(polling its task queue) endpoint; unset turns it off. Give each worker "
+        "process on one host its own port",
+    )
+    ready_poll_age_seconds: float = Field(
+        120.0,
+        description="/readyz fails when Temporal last saw this worker poll its "
+        "task queue longer ago than this, seconds. Keep it above the 70 s long "
+        "poll",
+    )
+    ready_cache_seconds: float = Field(
+        5.0,
+        description="how long /readyz reuses one task queue description, seconds",
+    )
+
+
 class IntakeSettings(BaseSettings):
     """The HTTP intake: Alertmanager webhook and OTLP/HTTP receiver."""
 
@@ -314,6 +342,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REMEDIATOR_", extra="ignore")
 
     temporal: TemporalSettings = Field(default_factory=TemporalSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
     signals: SignalSettings = Field(default_factory=SignalSettings)
     prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
@@ -329,6 +358,7 @@ class Settings(BaseSettings):
 
 GROUPS: dict[str, type[BaseSettings]] = {
     "TEMPORAL": TemporalSettings,
+    "WORKER": WorkerSettings,
     "INTAKE": IntakeSettings,
     "SIGNALS": SignalSettings,
     "PROMETHEUS": PrometheusSettings,

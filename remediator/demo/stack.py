@@ -213,7 +213,12 @@ class EmbeddedStack:
             self._start_worker(kind)
 
     def _start_worker(self, kind: str) -> None:
-        env = {**os.environ, **self.environment}
+        # Each worker process on this host needs its own health port.
+        env = {
+            **os.environ,
+            **self.environment,
+            "REMEDIATOR_WORKER_HEALTH_PORT": str(free_port()),
+        }
         log = open(self.work_dir / "logs" / f"worker-{kind}.log", "ab")
         self.workers[kind] = subprocess.Popen(
             [sys.executable, "-m", "remediator", "worker", kind],
