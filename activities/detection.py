@@ -106,6 +106,14 @@ def score_batch(
     scored = ~np.isnan(values) & (baseline_count >= min_baseline_points)
     scores = np.where(scored, z_to_score(np.where(scored, z, 0.0)), np.nan)
 
+    return batch_verdicts(scores, scored, threshold)
+
+
+def batch_verdicts(
+    scores: np.ndarray, scored: np.ndarray, threshold: float
+) -> BatchScores:
+    """Build `BatchScores` from the scores and the mask of scored points."""
+    n_series, n_points = scores.shape
     points_scored = scored.sum(axis=1)
     # Index of the last scored point of each row, or 0 for rows without one.
     last_index = n_points - 1 - np.argmax(scored[:, ::-1], axis=1) if n_points else 0

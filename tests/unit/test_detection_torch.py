@@ -1,0 +1,87 @@
+"""The torch scorer matches the numpy scorer.
+
+Tolerance: in float64 both compute the same arithmetic, so scores agree to
+1e-9 absolute, and the verdict fields (anomalous, sustained points, points
+scored) are equal. The tests run on CUDA when available, else on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="torch is not installed (pip install -e '.[gpu]')"
+)
+
+from activities import detection_torch  # noqa: E402
+from activities.detection import score_batch  # noqa: E402
+from activities.detection_torch import score_batch_torch  # noqa: E402
+
+TOLERANCE = 1e-9
+
+
+def sample_values(seed: int = 5, n_series: int = 24, n_points: int = 200):
+    rng = np.random.default_rng(seed)
+    values = rng.normal(10.0, 1.0, (n_series, n_points))
+    # Step changes, spikes and dips, gaps, flat and zero series, padding.
+    values[0, 120:] += 8.0
+    values[1, 50] = 40.0
+    values[2, 90:95] = -5.0
+    values[3, rng.choice(n_points, 40, replace=False)] = np.nan
+    values[4] = 3.0
+    values[5] = 0.0
+    values[5, 150] = 1.0
+    values[6, :70] = np.nan
+    values[7, 30] = np.inf
+    values[8] = np.round(values[8])
+    values[9, :] = np.nan
+    return values
+
+
+def assert_same(expected, actual) -> None:
+    np.testing.assert_array_equal(np.isnan(expected.scores), np.isnan(actual.scores))
+    np.testing.assert_allclose(
+        np.nan_to_num(actual.scores), np.nan_to_num(expected.scores), atol=TOLERANCE
+    )
+    np.testing.assert_allclose(actual.last_score, expected.last_score, atol=TOLERANCE)
+    np.testing.assert_array_equal(actual.anomalous, expected.anomalous)
+    np.testing.assert_array_equal(actual.sustained_points, expected.sustained_points)
+    np.testing.assert_array_equal(actual.points_scored, expected.points_scored)
+
+
+@pytest.mark.parametrize("direction", ["up", "down", "both"])
+@pytest.mark.parametrize("baseline_points", [8, 60])
+def test_matches_numpy(direction: str, baseline_points: int) -> None:
+    values = sample_values()
+    expected = score_batch(values, 0.8, direction, baseline_points, 8)
+    actual = score_batch_torch(values, 0.8, direction, baseline_points, 8)
+    assert_same(expected, actual)
+
+
+def test_matches_numpy_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tiny chunk size splits the batch into several chunks.
+    monkeypatch.setattr(detection_torch, "CHUNK_ELEMENTS", 200 * 60 * 5)
+    values = sample_values(seed=9, n_series=17)
+    assert_same(score_batch(values), score_batch_torch(values))
+
+
+def test_even_baseline_median() -> None:
+    # Baseline 1, 2, 3, 10 has median 2.5 (torch.nanmedian would give 2) and
+    # MAD 1 (deviations 1.5, 0.5, 0.5, 7.5), so 4 scores with z = 1.5 / 1.4826.
+    values = np.array([[1.0, 2.0, 3.0, 10.0, 4.0]])
+    expected = score_batch(values, baseline_points=4, min_baseline_points=4)
+    actual = score_batch_torch(values, baseline_points=4, min_baseline_points=4)
+    assert_same(expected, actual)
+    assert actual.scores[0, 4] == pytest.approx(
+        1.0 - np.exp(-np.log(5.0) / 3.5 * 1.5 / 1.4826)
+    )
+
+
+def test_empty_and_invalid_input() -> None:
+    assert score_batch_torch(np.zeros((0, 5))).scores.shape == (0, 5)
+    assert score_batch_torch(np.zeros((2, 0))).points_scored.tolist() == [0, 0]
+    with pytest.raises(ValueError):
+        score_batch_torch(np.zeros((1, 5)), direction="sideways")
+    with pytest.raises(ValueError):
+        score_batch_torch(np.zeros(5))
