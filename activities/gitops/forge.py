@@ -34,12 +34,9 @@ from activities.gitops.local_provider import (
     InvalidInputError,
     NothingToRollBackError,
     PermanentGitOpsError,
-    _change_lines,
-    _decision_lines,
-    _evidence_lines,
     _trace_id,
-    _web_ui_url,
     cleanup_whitespace,
+    describe_pull_request,
     scrub,
 )
 from activities.gitops.yaml_edit import image_scalars, set_scalars
@@ -144,28 +141,7 @@ def labels_for(draft: bool) -> list[str]:
 
 def describe(request: PullRequestInput) -> tuple[str, str]:
     """Build the pull request title and body, the same text as the local provider's."""
-    title = (
-        f"Roll back {request.namespace}/{request.app} to "
-        f"{request.change.last_good_revision[:7]}"
-    )
-    lines = [
-        f"Remediator opened this rollback for incident {request.incident_id}.",
-        "",
-        *_change_lines(request),
-        "",
-        "Evidence:",
-        *_evidence_lines(request.evidence),
-        "",
-        *_decision_lines(request.decision),
-        "",
-    ]
-    trace_id = _trace_id(request.trace_id)
-    if trace_id:
-        lines.append(f"Trace id: {trace_id}")
-    web_ui_url = _web_ui_url(request.web_ui_url)
-    if web_ui_url:
-        lines.append(f"Workflow: {web_ui_url}")
-    return title, "\n".join(lines).rstrip() + "\n"
+    return describe_pull_request(request)
 
 
 def commit_message(request: PullRequestInput, title: str, body: str) -> str:

@@ -741,28 +741,7 @@ class LocalProvider:
 
     def _describe(self, request: PullRequestInput) -> tuple[str, str]:
         """Build the pull request title and body (also the commit message body)."""
-        change = request.change
-        short_good = change.last_good_revision[:7]
-        title = f"Roll back {request.namespace}/{request.app} to {short_good}"
-        lines = [
-            f"Remediator opened this rollback for incident {request.incident_id}.",
-            "",
-            *_change_lines(request),
-            "",
-            "Evidence:",
-            *_evidence_lines(request.evidence),
-            "",
-            *_decision_lines(request.decision),
-            "",
-        ]
-
-        trace_id = _trace_id(request.trace_id)
-        if trace_id:
-            lines.append(f"Trace id: {trace_id}")
-        web_ui_url = _web_ui_url(request.web_ui_url)
-        if web_ui_url:
-            lines.append(f"Workflow: {web_ui_url}")
-        return title, "\n".join(lines).rstrip() + "\n"
+        return describe_pull_request(request)
 
     def _commit_message(self, request: PullRequestInput, title: str, body: str) -> str:
         trailers = [f"{INCIDENT_TRAILER}: {request.incident_id}"]
@@ -770,6 +749,30 @@ class LocalProvider:
         if trace_id:
             trailers.append(f"{TRACE_TRAILER}: {trace_id}")
         return f"{title}\n\n{body}\n" + "\n".join(trailers) + "\n"
+
+
+def describe_pull_request(request: PullRequestInput) -> tuple[str, str]:
+    """Build the title and body every provider gives a rollback pull request."""
+    short_good = request.change.last_good_revision[:7]
+    title = f"Roll back {request.namespace}/{request.app} to {short_good}"
+    lines = [
+        f"Remediator opened this rollback for incident {request.incident_id}.",
+        "",
+        *_change_lines(request),
+        "",
+        "Evidence:",
+        *_evidence_lines(request.evidence),
+        "",
+        *_decision_lines(request.decision),
+        "",
+    ]
+    trace_id = _trace_id(request.trace_id)
+    if trace_id:
+        lines.append(f"Trace id: {trace_id}")
+    web_ui_url = _web_ui_url(request.web_ui_url)
+    if web_ui_url:
+        lines.append(f"Workflow: {web_ui_url}")
+    return title, "\n".join(lines).rstrip() + "\n"
 
 
 def _change_lines(request: PullRequestInput) -> list[str]:
