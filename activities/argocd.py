@@ -608,7 +608,7 @@ class ArgoCDActivities:
                         input.revision,
                         progress.polls,
                     )
-                    return self._result(True, progress, verdict.message)
+                    return sync_result(True, progress, verdict.message)
                 if verdict.state is SyncState.FAILED:
                     activity.logger.error(
                         "Application %s failed to sync revision %s: %s",
@@ -618,7 +618,7 @@ class ArgoCDActivities:
                     )
                     raise ApplicationError(
                         verdict.message,
-                        self._result(False, progress, verdict.message).model_dump(
+                        sync_result(False, progress, verdict.message).model_dump(
                             mode="json"
                         ),
                         type=SYNC_FAILED,
@@ -639,18 +639,19 @@ class ArgoCDActivities:
                     input.argocd_application,
                     message,
                 )
-                return self._result(False, progress, message)
+                return sync_result(False, progress, message)
             await asyncio.sleep(min(delay, remaining))
 
-    @staticmethod
-    def _result(synced: bool, progress: _Progress, message: str) -> SyncResult:
-        last = progress.last
-        return SyncResult(
-            synced=synced,
-            revision=last.revision if last else "",
-            sync_status=last.sync_status if last else "",
-            health_status=last.health_status if last else "",
-            operation_phase=last.operation_phase if last else "",
-            message=message,
-            polls=progress.polls,
-        )
+
+def sync_result(synced: bool, progress: _Progress, message: str) -> SyncResult:
+    """Build the activity result from the last verdict of a sync wait."""
+    last = progress.last
+    return SyncResult(
+        synced=synced,
+        revision=last.revision if last else "",
+        sync_status=last.sync_status if last else "",
+        health_status=last.health_status if last else "",
+        operation_phase=last.operation_phase if last else "",
+        message=message,
+        polls=progress.polls,
+    )

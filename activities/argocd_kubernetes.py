@@ -50,6 +50,7 @@ from activities.argocd import (
     SyncVerdict,
     _Progress,
     evaluate_sync,
+    sync_result,
 )
 from remediator.settings import ArgoCDSettings
 from workflows.models import SyncInput, SyncResult
@@ -291,7 +292,7 @@ class KubernetesArgoCDActivities:
                 input.revision,
                 progress.polls,
             )
-            return self._result(True, progress, verdict.message)
+            return sync_result(True, progress, verdict.message)
         if verdict is not None and verdict.state is SyncState.FAILED:
             activity.logger.error(
                 "Application %s failed to sync revision %s: %s",
@@ -301,7 +302,7 @@ class KubernetesArgoCDActivities:
             )
             raise ApplicationError(
                 verdict.message,
-                self._result(False, progress, verdict.message).model_dump(mode="json"),
+                sync_result(False, progress, verdict.message).model_dump(mode="json"),
                 type=SYNC_FAILED,
                 non_retryable=True,
             )
@@ -315,7 +316,7 @@ class KubernetesArgoCDActivities:
             input.argocd_application,
             message,
         )
-        return self._result(False, progress, message)
+        return sync_result(False, progress, message)
 
     async def _wait(
         self,
@@ -389,16 +390,3 @@ class KubernetesArgoCDActivities:
                     error.message,
                 )
                 await asyncio.sleep(delay)
-
-    @staticmethod
-    def _result(synced: bool, progress: _Progress, message: str) -> SyncResult:
-        last = progress.last
-        return SyncResult(
-            synced=synced,
-            revision=last.revision if last else "",
-            sync_status=last.sync_status if last else "",
-            health_status=last.health_status if last else "",
-            operation_phase=last.operation_phase if last else "",
-            message=message,
-            polls=progress.polls,
-        )

@@ -38,6 +38,7 @@ from activities.gitops.local_provider import (
     cleanup_whitespace,
     describe_pull_request,
     scrub,
+    validate_names,
 )
 from activities.gitops.yaml_edit import image_scalars, set_scalars
 from workflows.models import ImageChange, PullRequestInput
@@ -50,8 +51,6 @@ REMEDIATION_LABEL = "remediation"
 SHADOW_LABEL = "shadow"
 DEFAULT_TIMEOUT_SECONDS = 10.0
 
-_K8S_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
-_BRANCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 MAX_DETAIL_CHARS = 300
 
 
@@ -105,18 +104,7 @@ def validate_open(request: PullRequestInput, provider: str) -> None:
     Raises InvalidInputError, NothingToRollBackError, or
     UnsupportedStrategyError for the revert strategy.
     """
-    for label, value in (("namespace", request.namespace), ("app", request.app)):
-        if not _K8S_NAME.match(value):
-            raise InvalidInputError(
-                f"invalid {label} {value!r}: expected a Kubernetes name"
-            )
-    target = request.change.target_branch
-    if (
-        not _BRANCH_NAME.match(target)
-        or ".." in target
-        or target.endswith((".lock", "/"))
-    ):
-        raise InvalidInputError(f"invalid target branch {target!r}")
+    validate_names(request)
     if request.strategy == "revert":
         # TODO: revert through the API needs the compare API and a content
         # merge for paths that changed since the suspect commits.

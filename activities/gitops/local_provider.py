@@ -470,18 +470,7 @@ class LocalProvider:
     # --- opening ------------------------------------------------------------
 
     def _validate_open(self, request: PullRequestInput) -> None:
-        for label, value in (("namespace", request.namespace), ("app", request.app)):
-            if not _K8S_NAME.match(value):
-                raise InvalidInputError(
-                    f"invalid {label} {value!r}: expected a Kubernetes name"
-                )
-        target = request.change.target_branch
-        if (
-            not _BRANCH_NAME.match(target)
-            or ".." in target
-            or target.endswith((".lock", "/"))
-        ):
-            raise InvalidInputError(f"invalid target branch {target!r}")
+        validate_names(request)
         if request.strategy not in STRATEGIES:
             raise InvalidInputError(
                 f"invalid strategy {request.strategy!r}: "
@@ -749,6 +738,25 @@ class LocalProvider:
         if trace_id:
             trailers.append(f"{TRACE_TRAILER}: {trace_id}")
         return f"{title}\n\n{body}\n" + "\n".join(trailers) + "\n"
+
+
+def validate_names(request: PullRequestInput) -> None:
+    """Raise InvalidInputError unless namespace, app and target branch are safe.
+
+    These values end up in branch names, file paths and forge API paths.
+    """
+    for label, value in (("namespace", request.namespace), ("app", request.app)):
+        if not _K8S_NAME.match(value):
+            raise InvalidInputError(
+                f"invalid {label} {value!r}: expected a Kubernetes name"
+            )
+    target = request.change.target_branch
+    if (
+        not _BRANCH_NAME.match(target)
+        or ".." in target
+        or target.endswith((".lock", "/"))
+    ):
+        raise InvalidInputError(f"invalid target branch {target!r}")
 
 
 def describe_pull_request(request: PullRequestInput) -> tuple[str, str]:

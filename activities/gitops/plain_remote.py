@@ -50,7 +50,6 @@ import git
 from pydantic import SecretStr
 
 from activities.gitops.forge import (
-    _BRANCH_NAME,
     commit_message,
     describe,
     has_incident_trailer,
@@ -59,6 +58,7 @@ from activities.gitops.forge import (
     validate_open,
 )
 from activities.gitops.local_provider import (
+    _BRANCH_NAME,
     INCIDENT_TRAILER,
     InvalidInputError,
     NothingToRollBackError,
