@@ -568,8 +568,8 @@ class ArgoCDActivities:
         poll_seconds = max(input.poll_seconds or self.settings.poll_seconds, 0.05)
         consecutive_errors = 0
 
-        # The first read of a fresh wait asks Argo CD to compare with Git now,
-        # instead of at its next periodic reconciliation.
+        # The first read of a fresh wait requests a refresh, so Argo CD
+        # compares with Git now instead of at its next reconciliation.
         refresh = "normal" if progress.polls == 0 else None
         while True:
             delay = poll_seconds

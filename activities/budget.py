@@ -92,7 +92,7 @@ class BudgetActivities:
             )
         except WorkflowUpdateFailedError as err:
             # The validator rejected the update: the budget is used up. That is
-            # an answer, not a failure, so return it instead of retrying.
+            # a result, not a failure, so return it instead of retrying.
             reason = str(err.cause) if err.cause else str(err)
             logger.info(
                 "Rollback budget denied incident %s: %s", request.incident_id, reason

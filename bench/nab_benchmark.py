@@ -1,6 +1,6 @@
 """Run our anomaly detector over the NAB corpus and score it with our scorer.
 
-    .venv/bin/python bench/nab_benchmark.py --data /work/shared/data/nab \
+    .venv/bin/python bench/nab_benchmark.py --data ../shared/data/nab \
         [--out DIR] [--variants NAME,NAME]
 
 Each variant scores every series with streaming semantics (a row's score uses

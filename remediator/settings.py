@@ -23,7 +23,7 @@ def _group(prefix: str) -> SettingsConfigDict:
 
 
 class TemporalSettings(BaseSettings):
-    """Where the Temporal service runs and which task queues the workers poll."""
+    """Temporal service address, namespace and the task queues the workers poll."""
 
     model_config = _group("TEMPORAL")
 
@@ -290,7 +290,7 @@ class ArgoCDSettings(BaseSettings):
     application_template: str = Field(
         "{app}", description="Application name built from {namespace} and {app}"
     )
-    sync_timeout_seconds: float = Field(600.0, description="longest sync wait, seconds")
+    sync_timeout_seconds: float = Field(600.0, description="maximum sync wait, seconds")
     poll_seconds: float = Field(2.0, description="interval between status reads")
 
 
@@ -325,7 +325,7 @@ class RemediationSettings(BaseSettings):
 
 
 class EscalationSettings(BaseSettings):
-    """Where escalations go besides the log."""
+    """Escalation targets besides the log."""
 
     model_config = _group("ESCALATION")
 

@@ -1,15 +1,17 @@
 """IncidentWorkflow: one incident of one application, from alert to outcome.
 
 The intake starts it with signal-with-start (`incident-<namespace>-<app>`), so
-later alerts for the same application land on the running workflow. The loop:
-collect evidence, confirm the anomaly on the detection task queue, find the
-suspect change, read the budget, decide through the policy, wait for approval
-when asked, reserve a budget slot, open and merge the rollback pull request,
-wait for Argo CD to sync it and verify recovery over durable timers. Every path
-ends in a named `Outcome`; every wait has a timeout.
+later alerts for the same application land on the running workflow.
 
-Activities are called by name so this module imports no activity code into the
-sandbox; the names and models are the contract with `activities/`.
+The loop first reads evidence, the suspect change and the budget, and confirms
+the anomaly on the detection task queue. The policy then decides, and a human
+approves when it asks. Then the workflow reserves a budget slot and opens and
+merges the rollback pull request. Last, it waits for Argo CD to sync the merge
+and verifies recovery over durable timers. Every path ends in a named
+`Outcome`, and every wait has a timeout.
+
+Activities are called by name, so this module imports no activity code into
+the sandbox. The names and models are the contract with `activities/`.
 """
 
 from __future__ import annotations
@@ -263,7 +265,7 @@ class IncidentWorkflow:
     async def _confirm_anomaly(self, evidence: Evidence) -> SeriesVerdict | None:
         series = _series_of(evidence, self._config.signal_step_seconds)
         if not series:
-            # Missing data is not evidence; the policy sees anomaly = None.
+            # Missing data is not evidence, so the policy gets anomaly = None.
             return None
         try:
             result = await workflow.execute_activity(

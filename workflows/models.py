@@ -29,7 +29,7 @@ def budget_workflow_id(namespace: str, app: str) -> str:
 
 
 class Outcome(StrEnum):
-    """How an incident ended."""
+    """Outcome of an incident."""
 
     RECOVERED = "recovered"
     ESCALATED = "escalated"
@@ -74,7 +74,7 @@ class AlertSignal(BaseModel):
 
 
 class AlertRecord(BaseModel):
-    """What the workflow remembers about one alert fingerprint."""
+    """Record of one alert fingerprint on the incident workflow."""
 
     fingerprint: str
     alertname: str = ""
@@ -88,7 +88,7 @@ class AlertRecord(BaseModel):
 
 
 class VerifyConfig(BaseModel):
-    """How recovery is verified after the rollback has synced."""
+    """Settings of the recovery check after the rollback has synced."""
 
     interval_seconds: float = 30.0
     consecutive_intervals: int = 3
@@ -171,7 +171,7 @@ class SignalPoint(BaseModel):
 class Evidence(BaseModel):
     """Golden signals of an application over a window.
 
-    Missing data is never evidence: `has_data` is false when the store holds no
+    Missing data is never evidence: `has_data` is false when the store contains no
     points at all, and `no_traffic` is true when points exist but saw no request.
     """
 
@@ -296,7 +296,7 @@ class BudgetWorkflowInput(BaseModel):
 
 
 class BudgetReservation(BaseModel):
-    """Update argument and activity input: one incident asks for one slot."""
+    """Update argument and activity input: one incident requests one slot."""
 
     budget: BudgetQuery
     incident_id: str
@@ -424,7 +424,8 @@ class SyncInput(BaseModel):
         description="interval between reads; the worker's setting when unset",
     )
     timeout_seconds: float | None = Field(
-        default=None, description="longest wait; the worker's setting when unset"
+        default=None,
+        description="maximum wait in seconds; the worker's setting when unset",
     )
     repo_url: str = Field(
         default="", description="source of a multi-source Application to compare"
@@ -432,7 +433,7 @@ class SyncInput(BaseModel):
 
 
 class SyncResult(BaseModel):
-    """What Argo CD reported when the wait ended."""
+    """Argo CD status at the end of the sync wait."""
 
     synced: bool
     revision: str = ""

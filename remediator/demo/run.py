@@ -343,7 +343,8 @@ async def post_alert(http: httpx.AsyncClient, body: dict) -> None:
     response = await http.post("/v1/alerts", json=body)
     if response.status_code != 202:
         raise RuntimeError(
-            f"intake answered {response.status_code} to the alert: {response.text}"
+            f"intake returned HTTP {response.status_code} for the alert: "
+            f"{response.text}"
         )
 
 

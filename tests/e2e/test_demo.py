@@ -71,7 +71,8 @@ def test_demo_recovers_with_one_image_merge(layout: str, tmp_path: Path) -> None
     ]
     assert len(changed) == 2, diff
     removed, added = changed
-    assert removed.startswith("-") and BAD_TAG in removed, diff
+    assert removed.startswith("-"), diff
+    assert BAD_TAG in removed, diff
     assert added == "+" + removed[1:].replace(BAD_TAG, GOOD_TAG), diff
 
     # The app's files at main are byte for byte those before the bad deploy.

@@ -57,7 +57,7 @@ NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 
 
 class FakeWorld:
-    """Canned answers of every activity, and a record of the calls."""
+    """Canned results of every activity, and a record of the calls."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
