@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint format bench histories clean
 
-SCENARIOS := rollback budget approval abort flapping verify-fails shadow
+SCENARIOS := rollback budget approval abort flapping verify-fails shadow sweep
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

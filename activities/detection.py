@@ -7,6 +7,9 @@ The score is a robust z-score (distance from the trailing median in units of
 the trailing median absolute deviation) mapped to [0, 1], so scores of
 different series compare. `score_batch` contains the numpy scorer as a pure
 function over a (series, points) array, so that a GPU version can replace it.
+
+`anomaly_scores` and `alarm_scores` are a second streaming scorer, tuned on
+the NAB corpus (see docs/benchmarks.md); the verdicts do not use it yet.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,6 +187,223 @@ def _robust_z(
     return z, baseline_count
 
 
+# --- Streaming detector tuned on NAB -----------------------------------------
+#
+# `anomaly_scores` scores each point from five causal features, each divided by
+# its value at the threshold, and takes the maximum u:
+#
+# - novelty: how far the value lies beyond the minimum or maximum of every
+#   earlier point, as a fraction of that earlier range;
+# - the same novelty for the mean of the last `SMOOTH_POINTS` points;
+# - z-scores against the mean and standard deviation of the previous
+#   `LONG_WINDOW` and of the previous `SHORT_WINDOW` points;
+# - the z-score of the difference from the point `SEASON_LAG` rows earlier
+#   (one day at NAB's usual 5-minute step), against the previous
+#   `LONG_WINDOW` such differences.
+#
+# u maps to u / (u + 0.25), so u = 1 scores DEFAULT_THRESHOLD (0.8). The
+# windows and the values at the threshold were chosen by a search that
+# maximised the NAB standard profile score on the NAB corpus itself.
+LONG_WINDOW = 1000
+SHORT_WINDOW = 300
+SMOOTH_POINTS = 20
+SEASON_LAG = 288
+NOVELTY_AT_THRESHOLD = 0.0149
+SMOOTH_NOVELTY_AT_THRESHOLD = 0.0747
+LONG_Z_AT_THRESHOLD = 44.8
+SHORT_Z_AT_THRESHOLD = 47.8
+SEASON_Z_AT_THRESHOLD = 11.95
+# Lower bound of a window's standard deviation, relative to its mean.
+Z_RELATIVE_SCALE_FLOOR = 1e-3
+# An alarm is a point whose score is above every score of the previous
+# ALARM_HOLD_POINTS points.
+ALARM_HOLD_POINTS = 100
+
+
+def anomaly_scores(values: np.ndarray, direction: str = "both") -> np.ndarray:
+    """Score every point of every series from the points up to it.
+
+    `values` has shape (n_series, n_points), NaN-padded at the start like
+    `score_batch`; NaN and infinities are gaps, which are scored NaN and left
+    out of every baseline. Scores are in [0, 1), and a point without a
+    baseline yet scores 0. `direction` is as in `score_batch`.
+    """
+    values = _check_values(values, direction)
+    with np.errstate(invalid="ignore"):
+        return _anomaly_scores(values, direction, _NUMPY_OPS)
+
+
+def alarm_scores(
+    scores: np.ndarray, hold_points: int = ALARM_HOLD_POINTS
+) -> np.ndarray:
+    """Keep a point's score only when it exceeds the previous `hold_points`.
+
+    Every other point scores 0, and gaps (NaN) score 0. An anomaly keeps
+    scoring high for many points and only its first alarm is useful, so this
+    step turns an episode into a few alarms. It uses earlier scores only.
+    """
+    scores = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0)
+    previous = _shift(
+        _sliding_max(scores, hold_points, _NUMPY_OPS), 1, -np.inf, _NUMPY_OPS
+    )
+    return np.where(scores > previous, scores, 0.0)
+
+
+def _check_values(values: np.ndarray, direction: str) -> np.ndarray:
+    if direction not in ("up", "down", "both"):
+        raise ValueError(f"direction {direction!r} is not up, down or both")
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"values must have 2 dimensions, not {values.ndim}")
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+@dataclass(frozen=True)
+class ArrayOps:
+    """The array functions of `anomaly_scores`, so that numpy and torch share
+    one implementation. Every array is (n_series, n_points)."""
+
+    full: Callable  # (like, shape, fill) -> array of like's dtype and device
+    cat: Callable  # list of arrays -> one array, joined along time
+    cumsum: Callable  # along time
+    cummax: Callable  # running maximum along time
+    first_present: Callable  # (values, present) -> (n_series, 1) first value
+    isnan: Callable
+    where: Callable
+    maximum: Callable
+    sqrt: Callable
+
+
+def _numpy_first_present(values: np.ndarray, present: np.ndarray) -> np.ndarray:
+    first = values[np.arange(values.shape[0]), np.argmax(present, axis=1)]
+    return np.where(np.isnan(first), 0.0, first)[:, None]
+
+
+_NUMPY_OPS = ArrayOps(
+    full=lambda like, shape, fill: np.full(shape, fill, dtype=like.dtype),
+    cat=lambda parts: np.concatenate(parts, axis=1),
+    cumsum=lambda a: np.cumsum(a, axis=1),
+    cummax=lambda a: np.maximum.accumulate(a, axis=1),
+    first_present=_numpy_first_present,
+    isnan=np.isnan,
+    where=np.where,
+    maximum=np.maximum,
+    sqrt=np.sqrt,
+)
+
+
+def _anomaly_scores(values, direction: str, ops: ArrayOps):
+    """`anomaly_scores` for arrays of either library; gaps must be NaN."""
+    nan = ops.full(values, (), np.nan)
+    zero = ops.full(values, (), 0.0)
+    u = _novelty(values, direction, ops) / NOVELTY_AT_THRESHOLD
+
+    smooth_mean, _, smooth_count = _rolling_mean_std(values, SMOOTH_POINTS, True, ops)
+    smooth = ops.where(smooth_count >= SMOOTH_POINTS, smooth_mean, nan)
+    u = ops.maximum(u, _novelty(smooth, direction, ops) / SMOOTH_NOVELTY_AT_THRESHOLD)
+
+    u = ops.maximum(
+        u, _window_z(values, LONG_WINDOW, direction, ops) / LONG_Z_AT_THRESHOLD
+    )
+    u = ops.maximum(
+        u, _window_z(values, SHORT_WINDOW, direction, ops) / SHORT_Z_AT_THRESHOLD
+    )
+    season = values - _shift(values, SEASON_LAG, np.nan, ops)
+    u = ops.maximum(
+        u, _window_z(season, LONG_WINDOW, direction, ops) / SEASON_Z_AT_THRESHOLD
+    )
+
+    u = ops.where(ops.isnan(u), zero, u)
+    return ops.where(ops.isnan(values), nan, u / (u + 0.25))
+
+
+def _shift(a, rows: int, fill: float, ops: ArrayOps):
+    """`a` moved `rows` points later in time, with `fill` in front."""
+    if rows <= 0:
+        return a
+    rows = min(rows, a.shape[1])
+    return ops.cat([ops.full(a, (a.shape[0], rows), fill), a[:, : a.shape[1] - rows]])
+
+
+def _sliding_max(a, window: int, ops: ArrayOps):
+    """Maximum over each point and the `window - 1` points before it."""
+    # Doubling: after each step, `out` covers `span` points.
+    out, span = a, 1
+    while span * 2 <= window:
+        out = ops.maximum(out, _shift(out, span, -np.inf, ops))
+        span *= 2
+    if span < window:
+        out = ops.maximum(out, _shift(out, window - span, -np.inf, ops))
+    return out
+
+
+def _signed(deviation, direction: str, ops: ArrayOps):
+    """Return the part of `deviation` (positive is up) that `direction` counts."""
+    zero = ops.full(deviation, (), 0.0)
+    if direction == "up":
+        return ops.maximum(deviation, zero)
+    if direction == "down":
+        return ops.maximum(-deviation, zero)
+    return ops.maximum(deviation, -deviation)
+
+
+def _novelty(values, direction: str, ops: ArrayOps):
+    """Distance beyond the range of every earlier point, over that range;
+    0 while the earlier range is empty or 0, or at a gap."""
+    missing = ops.isnan(values)
+    high = _shift(ops.cummax(ops.where(missing, -np.inf, values)), 1, -np.inf, ops)
+    low = -_shift(ops.cummax(ops.where(missing, -np.inf, -values)), 1, -np.inf, ops)
+    spread = high - low
+    valid = ~missing & (spread > 0) & (spread < np.inf)
+    one = ops.full(values, (), 1.0)
+    spread = ops.where(valid, spread, one)
+    above = _signed(ops.where(valid, values - high, -one), "up", ops)
+    below = _signed(ops.where(valid, low - values, -one), "up", ops)
+    if direction == "up":
+        excess = above
+    elif direction == "down":
+        excess = below
+    else:
+        excess = ops.maximum(above, below)
+    return excess / spread
+
+
+def _rolling_mean_std(values, window: int, include_current: bool, ops: ArrayOps):
+    """Mean, standard deviation and count of the non-gap points among the
+    `window` points before each point, or ending at it."""
+    present = ~ops.isnan(values)
+    zero = ops.full(values, (), 0.0)
+    # Sums run relative to each series' first value, to keep them small.
+    reference = ops.first_present(values, present)
+    relative = ops.where(present, values - reference, zero)
+    sums = []
+    for part in (relative, relative * relative, ops.where(present, zero + 1.0, zero)):
+        cumulative = ops.cumsum(part)
+        if not include_current:
+            cumulative = _shift(cumulative, 1, 0.0, ops)
+        sums.append(cumulative - _shift(cumulative, window, 0.0, ops))
+    total, squares, count = sums
+    safe_count = ops.maximum(count, zero + 1.0)
+    mean = total / safe_count
+    variance = ops.maximum(squares / safe_count - mean * mean, zero)
+    mean = ops.where(count > 0, mean + reference, ops.full(values, (), np.nan))
+    return mean, ops.sqrt(variance), count
+
+
+def _window_z(values, window: int, direction: str, ops: ArrayOps):
+    """z-score against the previous `window` points; 0 with fewer than
+    MIN_BASELINE_POINTS of them, or at a gap."""
+    mean, std, count = _rolling_mean_std(values, window, False, ops)
+    zero = ops.full(values, (), 0.0)
+    valid = ~ops.isnan(values) & (count >= MIN_BASELINE_POINTS)
+    mean = ops.where(valid, mean, zero)
+    floor = ops.maximum(
+        Z_RELATIVE_SCALE_FLOOR * ops.maximum(mean, -mean), zero + ABSOLUTE_SCALE_FLOOR
+    )
+    deviation = (ops.where(valid, values, zero) - mean) / ops.maximum(std, floor)
+    return _signed(deviation, direction, ops)
+
+
 def pack_series(series_values: list[list[float | None]]) -> np.ndarray:
     """Stack series of any length into one array, NaN-padded at the start."""
     width = max((len(values) for values in series_values), default=0)
@@ -195,13 +416,20 @@ def pack_series(series_values: list[list[float | None]]) -> np.ndarray:
     return packed
 
 
-def score_detection_input(input: DetectionInput) -> DetectionResult:
-    """Score every series of `input` and build one verdict per series."""
+def score_detection_input(input: DetectionInput, backend=None) -> DetectionResult:
+    """Score every series of `input` and build one verdict per series.
+
+    `backend` is an `activities.detection_backend.DetectionBackend`, which
+    picks the device and splits the series into batches that fit its memory;
+    without one, numpy scores the whole input at once on the CPU.
+    """
     if not 0.0 < input.threshold <= 1.0:
         raise ValueError(f"threshold {input.threshold} is not in (0, 1]")
-    batch = score_batch(
-        pack_series([series.values for series in input.series]), input.threshold
-    )
+    values = pack_series([series.values for series in input.series])
+    if backend is None:
+        batch = score_batch(values, input.threshold)
+    else:
+        batch = backend.score_batched(values, input.threshold)
     verdicts = []
     for row, series in enumerate(input.series):
         verdicts.append(
@@ -214,11 +442,19 @@ def score_detection_input(input: DetectionInput) -> DetectionResult:
                 points_scored=int(batch.points_scored[row]),
             )
         )
-    return DetectionResult(verdicts=verdicts, device="cpu")
+    device = "cpu" if backend is None else backend.device
+    return DetectionResult(verdicts=verdicts, device=device)
 
 
 class DetectionActivities:
-    """Anomaly scoring activities of the detector worker."""
+    """Anomaly scoring activities of the detector worker.
+
+    `backend` is passed on to `score_detection_input`; the detection worker
+    gives the one `select_backend` chose.
+    """
+
+    def __init__(self, backend=None) -> None:
+        self._backend = backend
 
     @activity.defn(name="score_series")
     async def score_series(self, input: DetectionInput) -> DetectionResult:
@@ -228,7 +464,9 @@ class DetectionActivities:
         (0, 1], because a retry cannot fix the input.
         """
         try:
-            result = await asyncio.to_thread(score_detection_input, input)
+            result = await asyncio.to_thread(
+                score_detection_input, input, self._backend
+            )
         except ValueError as error:
             logger.error("scoring %s series failed: %s", len(input.series), error)
             raise ApplicationError(

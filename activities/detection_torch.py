@@ -11,6 +11,9 @@ The median follows numpy's `nanmedian`: the mean of the two middle values for
 an even count (torch's own `nanmedian` returns the lower one). Series are
 processed in chunks so that the (series, points, baseline) windows fit in
 memory. torch is an optional dependency (the `gpu` extra).
+
+`anomaly_scores_torch` and `alarm_scores_torch` run the NAB-tuned scorer of
+`activities.detection` through the same code with torch operations.
 """
 
 from __future__ import annotations
@@ -21,12 +24,17 @@ import torch
 from activities.detection import (
     _Z_RATE,
     ABSOLUTE_SCALE_FLOOR,
+    ALARM_HOLD_POINTS,
     BASELINE_POINTS,
     DEFAULT_THRESHOLD,
     MAD_TO_SIGMA,
     MIN_BASELINE_POINTS,
     RELATIVE_SCALE_FLOOR,
+    ArrayOps,
     BatchScores,
+    _anomaly_scores,
+    _shift,
+    _sliding_max,
     batch_verdicts,
 )
 
@@ -137,3 +145,63 @@ def _robust_z(
     else:
         z = deviation.abs()
     return z, count
+
+
+def _torch_first_present(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    index = torch.argmax(present.to(torch.int8), dim=1, keepdim=True)
+    first = values.gather(1, index)
+    return torch.where(torch.isnan(first), torch.zeros_like(first), first)
+
+
+_TORCH_OPS = ArrayOps(
+    full=lambda like, shape, fill: torch.full(
+        shape, fill, dtype=like.dtype, device=like.device
+    ),
+    cat=lambda parts: torch.cat(parts, dim=1),
+    cumsum=lambda a: torch.cumsum(a, dim=1),
+    cummax=lambda a: torch.cummax(a, dim=1).values,
+    first_present=_torch_first_present,
+    isnan=torch.isnan,
+    where=torch.where,
+    maximum=torch.maximum,
+    sqrt=torch.sqrt,
+)
+
+
+def anomaly_scores_torch(
+    values: np.ndarray,
+    direction: str = "both",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> np.ndarray:
+    """`activities.detection.anomaly_scores` in torch; returns a numpy array.
+
+    In float64 it matches the numpy scores within 1e-9, which the unit tests
+    check on the CPU. On CUDA the rolling-window sums may round differently.
+    """
+    if direction not in ("up", "down", "both"):
+        raise ValueError(f"direction {direction!r} is not up, down or both")
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"values must have 2 dimensions, not {values.ndim}")
+    device = torch.device(device) if device is not None else default_device()
+    tensor = torch.as_tensor(values, dtype=dtype).to(device)
+    tensor = torch.where(torch.isfinite(tensor), tensor, torch.nan)
+    scores = _anomaly_scores(tensor, direction, _TORCH_OPS)
+    return scores.cpu().double().numpy()
+
+
+def alarm_scores_torch(
+    scores: np.ndarray,
+    hold_points: int = ALARM_HOLD_POINTS,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """`activities.detection.alarm_scores` in torch; returns a numpy array."""
+    device = torch.device(device) if device is not None else default_device()
+    tensor = torch.as_tensor(np.asarray(scores, dtype=np.float64)).to(device)
+    tensor = torch.nan_to_num(tensor, nan=0.0)
+    previous = _shift(
+        _sliding_max(tensor, hold_points, _TORCH_OPS), 1, -np.inf, _TORCH_OPS
+    )
+    kept = torch.where(tensor > previous, tensor, torch.zeros_like(tensor))
+    return kept.cpu().numpy()

@@ -76,6 +76,7 @@ from activities.signals import (
 )
 from remediator.settings import PrometheusSettings, Settings
 from workflows.models import (
+    DiscoveryQuery,
     Evidence,
     SignalPoint,
     SignalQuery,
@@ -255,6 +256,7 @@ class QueryResult:
 
     query: str
     series: list[list[tuple[float, float | None]]] = field(default_factory=list)
+    labels: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     infos: list[str] = field(default_factory=list)
 
@@ -293,6 +295,12 @@ def parse_result(query: str, result: Any) -> QueryResult:
                 ) from error
             samples.append((timestamp, sample_value(pair[1])))
         parsed.series.append(samples)
+        metric = item.get("metric")
+        parsed.labels.append(
+            {str(k): str(v) for k, v in metric.items()}
+            if isinstance(metric, dict)
+            else {}
+        )
     return parsed
 
 
@@ -591,6 +599,41 @@ class PrometheusSignals:
                 f"may be partial: {'; '.join(reading.warnings)[:MAX_BODY_IN_MESSAGE]}"
             )
         return result
+
+    @activity.defn(name="discover_applications")
+    async def discover_applications(self, query: DiscoveryQuery) -> list[str]:
+        """List the applications that `REMEDIATOR_SWEEP_DISCOVERY_QUERY` returns.
+
+        Each series of the query's result names one application through the
+        intake's label maps (`REMEDIATOR_INTAKE_NAMESPACE_LABELS` and
+        `REMEDIATOR_INTAKE_APP_LABELS`). Series whose labels are missing or are
+        not Kubernetes names are skipped with a warning.
+        """
+        promql = self._settings.sweep.discovery_query.strip()
+        if not promql:
+            raise ApplicationError(
+                "REMEDIATOR_SWEEP_DISCOVERY_QUERY is empty; set it to a PromQL "
+                "query whose series carry the namespace and app labels, or turn "
+                "discovery off with REMEDIATOR_SWEEP_DISCOVER=false",
+                type="PrometheusQueryError",
+                non_retryable=True,
+            )
+        result = await asyncio.to_thread(self._reader.instant, promql, self._clock())
+        intake = self._settings.intake
+        namespace_labels = [n.strip() for n in intake.namespace_labels.split(",")]
+        app_labels = [n.strip() for n in intake.app_labels.split(",")]
+        found: set[str] = set()
+        for labels in result.labels:
+            namespace = next((labels[n] for n in namespace_labels if labels.get(n)), "")
+            app = next((labels[n] for n in app_labels if labels.get(n)), "")
+            if _is_label(namespace) and _is_label(app):
+                found.add(f"{namespace}/{app}")
+            else:
+                logger.warning(
+                    "Discovery series %s names no valid namespace and app; skipped.",
+                    json.dumps(labels)[:MAX_BODY_IN_MESSAGE],
+                )
+        return sorted(found)
 
     async def read(self, query: SignalQuery, *, with_points: bool) -> Reading:
         """Query every signal of the application, adding range queries for points."""

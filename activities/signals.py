@@ -22,7 +22,14 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from remediator.settings import Settings
-from workflows.models import Evidence, SignalQuery, VerifyInput, VerifyResult
+from workflows.models import (
+    ApplicationList,
+    DiscoveryQuery,
+    Evidence,
+    SignalQuery,
+    VerifyInput,
+    VerifyResult,
+)
 
 REQUEST_TIMEOUT_SECONDS = 10.0
 
@@ -67,6 +74,22 @@ class SignalActivities:
         evidence = await self._fetch_evidence(input.query)
         return judge_interval(evidence, input)
 
+    @activity.defn(name="discover_applications")
+    async def discover_applications(self, query: DiscoveryQuery) -> list[str]:
+        """List the applications the signal store has data for, as namespace/app."""
+        response = await self._get("/v1/signals", {})
+        self._check_status(response, f"the application list from {self._where()}")
+        try:
+            listing = ApplicationList.model_validate_json(response.content)
+        except ValidationError as error:
+            raise ApplicationError(
+                f"signal store returned a body that is not an application list "
+                f"from {self._where()}: {error}",
+                type="InvalidEvidence",
+                non_retryable=True,
+            ) from error
+        return listing.applications
+
     async def _fetch_evidence(self, query: SignalQuery) -> Evidence:
         end = query.end or datetime.now(UTC)
         path = (
@@ -77,11 +100,27 @@ class SignalActivities:
             "step_seconds": query.step_seconds,
             "end": end.isoformat(),
         }
+        response = await self._get(path, params)
+        where = f"{query.namespace}/{query.app} from {self._where()}"
+        self._check_status(response, where)
+        try:
+            return Evidence.model_validate_json(response.content)
+        except ValidationError as error:
+            raise ApplicationError(
+                f"signal store returned a body that is not Evidence for {where}: "
+                f"{error}",
+                type="InvalidEvidence",
+                non_retryable=True,
+            ) from error
+
+    def _where(self) -> str:
+        return self._settings.intake.url
+
+    async def _get(self, path: str, params: dict) -> httpx.Response:
         headers = {}
         token = self._settings.intake.bearer_token
         if token is not None and token.get_secret_value():
             headers["Authorization"] = f"Bearer {token.get_secret_value()}"
-
         async with httpx.AsyncClient(
             base_url=self._settings.intake.url,
             transport=self._transport,
@@ -89,9 +128,10 @@ class SignalActivities:
         ) as client:
             # httpx.TransportError (refused, reset, timed out) propagates as a
             # plain exception, which Temporal retries.
-            response = await client.get(path, params=params, headers=headers)
+            return await client.get(path, params=params, headers=headers)
 
-        where = f"{query.namespace}/{query.app} from {self._settings.intake.url}"
+    @staticmethod
+    def _check_status(response: httpx.Response, where: str) -> None:
         if response.status_code >= 500:
             raise ApplicationError(
                 f"signal store returned {response.status_code} for {where}: "
@@ -105,15 +145,6 @@ class SignalActivities:
                 type="SignalQueryRejected",
                 non_retryable=True,
             )
-        try:
-            return Evidence.model_validate_json(response.content)
-        except ValidationError as error:
-            raise ApplicationError(
-                f"signal store returned a body that is not Evidence for {where}: "
-                f"{error}",
-                type="InvalidEvidence",
-                non_retryable=True,
-            ) from error
 
 
 def _check_thresholds(input: VerifyInput) -> None:

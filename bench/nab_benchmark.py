@@ -52,6 +52,8 @@ from activities.detection import (  # noqa: E402
     DEFAULT_THRESHOLD,
     MIN_BASELINE_POINTS,
     _robust_z,
+    alarm_scores,
+    anomaly_scores,
     z_to_score,
 )
 from bench.nab.scorer import (  # noqa: E402
@@ -136,7 +138,13 @@ def hold(detect: Callable, rows: int = HOLD_ROWS) -> Callable:
     return detect_held
 
 
+def remediator_detector(values: np.ndarray) -> np.ndarray:
+    """The production scorer and its alarm step, as the service runs them."""
+    return alarm_scores(anomaly_scores(values[None, :]))[0]
+
+
 VARIANTS: dict[str, Callable] = {
+    "remediator": remediator_detector,
     "medianup": median_detector("up", 60),
     "medianboth": median_detector("both", 60),
     "medianbothhold": hold(median_detector("both", 60)),

@@ -2,9 +2,10 @@
 
 Subcommands: `demo` (the whole loop on the embedded stack), `dev-server` (the
 embedded Temporal server with the Web UI), `serve` (the intake), `worker
-orchestrator|detection` (one worker process), and the operator commands
-`approve`, `abort`, `status` and `list` on incident workflows, and `config
-check`, which connects to each configured backend. Every process
+orchestrator|detection` (one worker process), the operator commands
+`approve`, `abort`, `status` and `list` on incident workflows, `sweep` (the
+detection sweep, now or on a Schedule), and `config check`, which connects to
+each configured backend. Every process
 reads the same settings from `REMEDIATOR_*` environment variables; `--help`
 lists them.
 
@@ -34,6 +35,7 @@ SCENARIOS = (
     "flapping",
     "verify-fails",
     "shadow",
+    "sweep",
 )
 
 
@@ -134,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     from remediator.control_cli import add_control_commands
 
     add_control_commands(commands, epilog, formatter, os.environ.get("USER"))
+
+    from remediator.sweep import add_sweep_command
+
+    add_sweep_command(commands, epilog, formatter)
     return parser
 
 
@@ -194,6 +200,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from remediator.config_check import run_config_check
 
         return asyncio.run(run_config_check(args, settings))
+    if args.command == "sweep":
+        from remediator.sweep import run_sweep_command
+
+        return asyncio.run(run_sweep_command(args, settings))
     from remediator.control_cli import COMMANDS, run_control_command
 
     if args.command in COMMANDS:

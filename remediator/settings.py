@@ -216,6 +216,48 @@ class DetectionSettings(BaseSettings):
     threshold: float = Field(
         0.8, description="score at or above which a point is anomalous"
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto (CUDA when present), cpu (numpy) or cuda (torch)"
+    )
+    memory_fraction: float = Field(
+        0.25, description="share of the device memory free at start that one batch uses"
+    )
+    max_batch_series: int = Field(10_000, description="upper bound of series per batch")
+    max_concurrent_activities: int = Field(
+        2, description="scoring activities one detection worker runs at a time"
+    )
+
+
+class SweepSettings(BaseSettings):
+    """The detection sweep: which applications it reads, and how often."""
+
+    model_config = _group("SWEEP")
+
+    applications: str = Field(
+        "", description="comma-separated namespace/app keys opted in to the sweep"
+    )
+    discover: bool = Field(
+        False,
+        description="also sweep every application the signal backend has data for",
+    )
+    discovery_query: str = Field(
+        "group by (namespace, app) (http_requests_total)",
+        description="PromQL listing the applications to sweep (Prometheus backend)",
+    )
+    window_seconds: float = Field(1800.0, description="window of the series, seconds")
+    step_seconds: float = Field(
+        0.0, description="step of the series, seconds; 0 takes SIGNALS_STEP_SECONDS"
+    )
+    min_sustained_seconds: float = Field(
+        60.0, description="anomalies younger than this open no incident"
+    )
+    batch_series: int = Field(500, description="series per detection call")
+    interval_seconds: float = Field(
+        300.0, description="interval of the Temporal Schedule, seconds"
+    )
+    schedule_id: str = Field(
+        "remediator-detection-sweep", description="id of the Temporal Schedule"
+    )
 
 
 class PolicySettings(BaseSettings):
@@ -347,6 +389,7 @@ class Settings(BaseSettings):
     signals: SignalSettings = Field(default_factory=SignalSettings)
     prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
     detection: DetectionSettings = Field(default_factory=DetectionSettings)
+    sweep: SweepSettings = Field(default_factory=SweepSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     git: GitSettings = Field(default_factory=GitSettings)
     argocd: ArgoCDSettings = Field(default_factory=ArgoCDSettings)
@@ -363,6 +406,7 @@ GROUPS: dict[str, type[BaseSettings]] = {
     "SIGNALS": SignalSettings,
     "PROMETHEUS": PrometheusSettings,
     "DETECTION": DetectionSettings,
+    "SWEEP": SweepSettings,
     "POLICY": PolicySettings,
     "GIT": GitSettings,
     "ARGOCD": ArgoCDSettings,

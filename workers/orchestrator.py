@@ -1,4 +1,4 @@
-"""The orchestrator worker: incident and budget workflows plus every I/O activity.
+"""The orchestrator worker: incident, budget and sweep workflows, every I/O activity.
 
 It polls the `remediation` task queue and may run on any node. `remediator
 worker orchestrator` and the demo stack start it through `build_worker`.
@@ -15,11 +15,13 @@ from activities.argocd import ArgoCDActivities
 from activities.budget import BudgetActivities
 from activities.escalation import EscalationActivities
 from activities.gitops.activities import GitOpsActivities
+from activities.incidents import IncidentActivities
 from activities.policy import PolicyActivities
 from activities.prometheus import signal_activities_for
 from remediator.settings import Settings
 from workflows.budget import RollbackBudgetWorkflow
 from workflows.incident import IncidentWorkflow
+from workflows.sweep import DetectionSweepWorkflow
 
 # Longer than the longest heartbeat interval, so a running sync wait can record
 # its progress before the worker leaves.
@@ -42,13 +44,14 @@ def build_worker(client: Client, settings: Settings) -> Worker:
     signals = signal_activities_for(settings)
     policy = PolicyActivities(settings.policy)
     budget = BudgetActivities(client, settings.temporal.task_queue)
+    incidents = IncidentActivities(client, settings)
     escalation = EscalationActivities(
         settings.escalation.webhook_url, settings.escalation.timeout_seconds
     )
     return Worker(
         client,
         task_queue=settings.temporal.task_queue,
-        workflows=[IncidentWorkflow, RollbackBudgetWorkflow],
+        workflows=[IncidentWorkflow, RollbackBudgetWorkflow, DetectionSweepWorkflow],
         activities=[
             signals.collect_evidence,
             signals.verify_interval,
@@ -62,6 +65,8 @@ def build_worker(client: Client, settings: Settings) -> Worker:
             budget.reserve_budget,
             budget.release_budget,
             escalation.escalate,
+            signals.discover_applications,
+            incidents.open_incident,
         ],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
     )

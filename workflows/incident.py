@@ -49,7 +49,6 @@ with workflow.unsafe.imports_passed_through():
         Outcome,
         PullRequest,
         PullRequestInput,
-        Series,
         SeriesVerdict,
         SignalQuery,
         Stage,
@@ -58,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
         SyncResult,
         VerifyInput,
         VerifyResult,
+        detection_series,
     )
 
 APP_ATTRIBUTE = SearchAttributeKey.for_keyword("RemediationApp")
@@ -263,7 +263,7 @@ class IncidentWorkflow:
         return evidence
 
     async def _confirm_anomaly(self, evidence: Evidence) -> SeriesVerdict | None:
-        series = _series_of(evidence, self._config.signal_step_seconds)
+        series = detection_series(evidence, self._config.signal_step_seconds)
         if not series:
             # Missing data is not evidence, so the policy gets anomaly = None.
             return None
@@ -737,29 +737,6 @@ class IncidentWorkflow:
 
     def _refresh_details(self) -> None:
         workflow.set_current_details(_details_markdown(self._status))
-
-
-def _series_of(evidence: Evidence, step_seconds: float) -> list[Series]:
-    """Build the detector's series from the evidence points."""
-    if not evidence.points:
-        return []
-    key = f"{evidence.namespace}/{evidence.app}"
-    series = [
-        Series(
-            key=f"{key}:error_ratio",
-            step_seconds=step_seconds,
-            values=[p.error_ratio for p in evidence.points],
-        )
-    ]
-    if any(p.latency_p99_seconds is not None for p in evidence.points):
-        series.append(
-            Series(
-                key=f"{key}:latency_p99_seconds",
-                step_seconds=step_seconds,
-                values=[p.latency_p99_seconds for p in evidence.points],
-            )
-        )
-    return series
 
 
 def _cause(err: BaseException) -> str:

@@ -222,6 +222,118 @@ class DetectionResult(BaseModel):
     device: str = "cpu"
 
 
+# --- Detection sweep -----------------------------------------------------------
+
+
+SWEEP_WORKFLOW = "DetectionSweepWorkflow"
+
+
+class SweepFinding(BaseModel):
+    """A sustained anomaly found by a sweep, and the incident it opened."""
+
+    application: str
+    series: str
+    score: float
+    sustained_seconds: float
+    incident_workflow_id: str = Field(
+        default="", description="empty when the sweep only reports"
+    )
+
+
+class SweepResult(BaseModel):
+    """What one sweep read, scored and found."""
+
+    applications: int = 0
+    series_scored: int = 0
+    detection_calls: int = 0
+    device: str = ""
+    findings: list[SweepFinding] = Field(default_factory=list)
+    skipped: dict[str, str] = Field(
+        default_factory=dict, description="application to why it was not scored"
+    )
+
+
+class SweepInput(BaseModel):
+    """Start input of DetectionSweepWorkflow, built from `SweepSettings`.
+
+    The Temporal Schedule stores this input, so it holds no secret.
+    """
+
+    applications: list[str] = Field(
+        default_factory=list, description="opted-in applications as namespace/app"
+    )
+    discover: bool = Field(
+        default=False,
+        description="also sweep every application the signal backend knows",
+    )
+    window_seconds: float = 1800.0
+    step_seconds: float = 15.0
+    threshold: float = 0.8
+    min_sustained_seconds: float = Field(
+        default=0.0, description="open incidents only for anomalies at least this old"
+    )
+    batch_series: int = Field(default=500, description="series per detection call")
+    concurrency: int = Field(default=8, description="evidence reads at a time")
+    applications_per_run: int = Field(
+        default=200, description="applications per run before continue-as-new"
+    )
+    open_incidents: bool = Field(
+        default=True, description="false reports findings without opening incidents"
+    )
+    detection_task_queue: str = "remediation-detection"
+    detection_timeout_seconds: float = 120.0
+    offset: int = Field(
+        default=0, description="applications already swept by earlier runs"
+    )
+    carried: SweepResult | None = Field(
+        default=None, description="the result of earlier runs, after continue-as-new"
+    )
+
+
+class DiscoveryQuery(BaseModel):
+    """Ask the signal backend which applications it has signals for."""
+
+    window_seconds: float = 1800.0
+
+
+class ApplicationList(BaseModel):
+    """Applications a signal backend has data for, as namespace/app."""
+
+    applications: list[str] = Field(default_factory=list)
+
+
+class OpenIncidentInput(BaseModel):
+    """Open, or add to, the incident of an application a sweep flagged."""
+
+    namespace: str
+    app: str
+    finding: SweepFinding
+    sweep_id: str = ""
+
+
+def detection_series(evidence: Evidence, step_seconds: float) -> list[Series]:
+    """Build the detector's series (error ratio, and p99 latency when known)."""
+    if not evidence.points:
+        return []
+    key = f"{evidence.namespace}/{evidence.app}"
+    series = [
+        Series(
+            key=f"{key}:error_ratio",
+            step_seconds=step_seconds,
+            values=[p.error_ratio for p in evidence.points],
+        )
+    ]
+    if any(p.latency_p99_seconds is not None for p in evidence.points):
+        series.append(
+            Series(
+                key=f"{key}:latency_p99_seconds",
+                step_seconds=step_seconds,
+                values=[p.latency_p99_seconds for p in evidence.points],
+            )
+        )
+    return series
+
+
 # --- Step 3: the change ------------------------------------------------------
 
 

@@ -4,7 +4,8 @@ Every scenario starts the embedded stack, lets the application serve a baseline
 on the good image, pushes the bad image through the GitOps repository, waits
 until the error ratio has stayed high for a few seconds (as a Prometheus
 alerting rule with `for:` would), posts the Alertmanager webhook body to the
-intake and follows the incident workflow to its outcome. The scenarios differ
+intake and follows the incident workflow to its outcome. In the sweep scenario
+no alert is posted: `remediator sweep` has to find the bad deploy. The scenarios differ
 in policy, settings and what a human does while the incident runs; each one
 lists the outcomes it expects, and the demo exits 0 only when they happen.
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +40,7 @@ from remediator.demo.stack import (
 )
 from remediator.temporal import workflow_url
 from workflows.models import (
+    SWEEP_WORKFLOW,
     Approval,
     IncidentStatus,
     Stage,
@@ -48,6 +52,7 @@ BASELINE_SECONDS = 6.0
 ALERT_FOR_SECONDS = 3.0
 ALERT_THRESHOLD = 0.1
 INCIDENT_TIMEOUT_SECONDS = 120.0
+SWEEP_TIMEOUT_SECONDS = 60.0
 APPROVAL_POLICY = {
     "remediation": {
         "applications": {
@@ -74,6 +79,9 @@ class Scenario:
     policy_data: dict | None = None
     on_stage: StageHook | None = None
     outage: bool = False
+    # "alert": the demo posts an Alertmanager alert; "sweep": no alert is
+    # sent, and `remediator sweep` must find the bad deploy by itself.
+    trigger: str = "alert"
 
 
 async def _approve(stack, http, workflow_id, stage) -> None:
@@ -149,6 +157,12 @@ SCENARIOS: dict[str, Scenario] = {
         "Shadow mode: a draft pull request shows what would happen; no merge.",
         ["shadowed"],
         environment={"REMEDIATOR_REMEDIATION_SHADOW": "true"},
+    ),
+    "sweep": Scenario(
+        "No alert fires; `remediator sweep` finds the bad deploy and opens the "
+        "incident.",
+        ["recovered"],
+        trigger="sweep",
     ),
 }
 
@@ -286,11 +300,22 @@ async def _play_incident(
         await wait_for_error_ratio(http, above=True)
         timings["bad_deploy_to_alert_seconds"] = round(time.monotonic() - mark, 2)
         alert_posted = time.monotonic()
-        body = alertmanager_body(DEMO_NAMESPACE, DEMO_APP, datetime.now(UTC))
-        await post_alert(http, body)
         workflow_id = incident_workflow_id(DEMO_NAMESPACE, DEMO_APP)
         link = workflow_url(stack.settings.temporal, workflow_id)
-        console.print(f"Alert posted; incident {workflow_id}: {link}")
+        if story.trigger == "sweep":
+            console.print("No alert is sent; running `remediator sweep`.")
+            output = await run_sweep_command(stack)
+            console.print(output.rstrip())
+            if workflow_id not in output:
+                raise RuntimeError(
+                    f"remediator sweep did not open {workflow_id}; it printed:\n"
+                    f"{output}"
+                )
+            console.print(f"The sweep opened incident {workflow_id}: {link}")
+        else:
+            body = alertmanager_body(DEMO_NAMESPACE, DEMO_APP, datetime.now(UTC))
+            await post_alert(http, body)
+            console.print(f"Alert posted; incident {workflow_id}: {link}")
         status, run_id = await _follow(
             stack, http, story, workflow_id, console, alert_posted, timings
         )
@@ -319,7 +344,7 @@ async def _play_incident(
 async def _save_histories(
     stack: EmbeddedStack, scenario: str, incidents: list[dict], history_dir: Path
 ) -> None:
-    """Write each incident's history and the budget workflow's history as JSON."""
+    """Write the histories of each incident, sweep and budget workflow as JSON."""
     history_dir.mkdir(parents=True, exist_ok=True)
     for index, incident in enumerate(incidents, start=1):
         handle = stack.client.get_workflow_handle(
@@ -328,6 +353,13 @@ async def _save_histories(
         history = await handle.fetch_history()
         path = history_dir / f"{scenario}-incident-{index}.json"
         path.write_text(history.to_json(), encoding="utf-8")
+    sweeps = stack.client.list_workflows(f"WorkflowType = '{SWEEP_WORKFLOW}'")
+    index = 0
+    async for execution in sweeps:
+        index += 1
+        handle = stack.client.get_workflow_handle(execution.id, run_id=execution.run_id)
+        path = history_dir / f"{scenario}-sweep-{index}.json"
+        path.write_text((await handle.fetch_history()).to_json(), encoding="utf-8")
     budget = stack.client.get_workflow_handle(
         budget_workflow_id(DEMO_NAMESPACE, DEMO_APP)
     )
@@ -337,6 +369,26 @@ async def _save_histories(
         return  # no incident reached the budget
     path = history_dir / f"{scenario}-budget.json"
     path.write_text(history.to_json(), encoding="utf-8")
+
+
+async def run_sweep_command(stack: EmbeddedStack) -> str:
+    """Run `remediator sweep` on the stack as an operator would; return its output."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "remediator",
+        "sweep",
+        env={**os.environ, **stack.environment},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), SWEEP_TIMEOUT_SECONDS)
+    text = output.decode(errors="replace")
+    if process.returncode != 0:
+        raise RuntimeError(
+            f"remediator sweep exited {process.returncode}:\n{text[-2000:]}"
+        )
+    return text
 
 
 async def post_alert(http: httpx.AsyncClient, body: dict) -> None:

@@ -7,6 +7,8 @@ uvicorn. Routes:
   gets one signal-with-start of `IncidentWorkflow` for its firing alerts;
   resolved alerts only reach an incident that is already open.
 - `POST /v1/metrics`: the OTLP/HTTP metrics receiver feeding the store.
+- `GET /v1/signals`: the applications the store has data for, read by the
+  detection sweep's `discover_applications` activity.
 - `GET /v1/signals/{namespace}/{app}`: golden signals as `Evidence` JSON, read
   by the `collect_evidence` and `verify_interval` activities.
 - `GET /healthz`: liveness.
@@ -48,6 +50,7 @@ from remediator.temporal import connect
 from workflows.models import (
     INCIDENT_WORKFLOW,
     AlertSignal,
+    ApplicationList,
     Evidence,
     IncidentConfig,
     IncidentInput,
@@ -537,6 +540,11 @@ def create_app(
         return Response(
             result.body, status_code=result.status_code, media_type=result.media_type
         )
+
+    @api.get("/v1/signals", dependencies=authorized)
+    async def list_applications() -> ApplicationList:
+        keys = store.applications()
+        return ApplicationList(applications=[f"{ns}/{app}" for ns, app in keys])
 
     @api.get("/v1/signals/{namespace}/{app}", dependencies=authorized)
     async def read_signals(

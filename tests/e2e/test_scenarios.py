@@ -14,7 +14,15 @@ from tests.e2e.helpers import DemoRun, run_demo
 
 pytestmark = pytest.mark.e2e
 
-SCENARIOS = ["budget", "approval", "abort", "flapping", "verify-fails", "shadow"]
+SCENARIOS = [
+    "budget",
+    "approval",
+    "abort",
+    "flapping",
+    "verify-fails",
+    "shadow",
+    "sweep",
+]
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +86,12 @@ def test_shadow_opens_draft_without_merge(runs) -> None:
     assert run.report["pull_request_draft"] is True
     assert run.report["pull_request_state"] == "open"
     assert run.merges_on_main() == []
+
+
+def test_sweep_opens_the_incident_without_an_alert(runs) -> None:
+    run = runs["sweep"]
+    assert run.report["outcome"] == "recovered"
+    assert len(run.merges_on_main()) == 1
+    alerts = run.report["alerts"]
+    assert [alert["alertname"] for alert in alerts] == ["RemediatorSweepAnomaly"]
+    assert "The sweep opened incident incident-demo-guestbook" in run.stderr

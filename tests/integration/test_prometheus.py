@@ -52,7 +52,7 @@ from activities.prometheus import (
 )
 from activities.signals import SignalActivities
 from remediator.settings import Settings
-from workflows.models import SignalQuery, VerifyInput
+from workflows.models import DiscoveryQuery, SignalQuery, VerifyInput
 
 INSTALL_HINT = (
     "apt-get update && apt-get install -y --no-install-recommends "
@@ -455,6 +455,29 @@ async def test_empty_result_is_no_data(stack: Stack) -> None:
     )
     assert not result.healthy
     assert result.no_data
+
+
+async def test_discovery_lists_applications_from_labels(stack: Stack) -> None:
+    found = await stack.signals().discover_applications(DiscoveryQuery())
+    assert found == [f"{NAMESPACE}/{app}" for app in sorted(stack.exporter.apps)]
+
+
+async def test_discovery_skips_series_without_names(stack: Stack) -> None:
+    settings = Settings()
+    settings.sweep.discovery_query = 'label_replace(up, "app", "Not_A_Name", "", "")'
+    prometheus = PrometheusSettings(url=stack.prometheus.url, timeout_seconds=5)
+    found = await PrometheusSignals(settings, prometheus).discover_applications(
+        DiscoveryQuery()
+    )
+    assert found == []
+
+
+async def test_empty_discovery_query_names_the_setting(stack: Stack) -> None:
+    settings = Settings()
+    settings.sweep.discovery_query = " "
+    signals = PrometheusSignals(settings, PrometheusSettings(url=stack.prometheus.url))
+    with pytest.raises(ApplicationError, match="REMEDIATOR_SWEEP_DISCOVERY_QUERY"):
+        await signals.discover_applications(DiscoveryQuery())
 
 
 async def test_bad_data_query_is_not_retryable(stack: Stack) -> None:

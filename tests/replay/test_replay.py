@@ -20,6 +20,7 @@ from remediator.cli import SCENARIOS
 from tests.replay.changed_workflow import IncidentWorkflowWithExtraActivity
 from workflows.budget import RollbackBudgetWorkflow
 from workflows.incident import IncidentWorkflow
+from workflows.sweep import DetectionSweepWorkflow
 
 HISTORIES = Path(__file__).resolve().parents[1] / "histories"
 HISTORY_FILES = sorted(HISTORIES.glob("*.json"))
@@ -37,7 +38,7 @@ def test_every_scenario_has_a_history() -> None:
 @pytest.mark.parametrize("path", HISTORY_FILES, ids=lambda path: path.stem)
 async def test_history_replays(path: Path) -> None:
     replayer = Replayer(
-        workflows=[IncidentWorkflow, RollbackBudgetWorkflow],
+        workflows=[IncidentWorkflow, RollbackBudgetWorkflow, DetectionSweepWorkflow],
         data_converter=pydantic_data_converter,
     )
     await replayer.replay_workflow(load(path))

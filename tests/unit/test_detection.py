@@ -8,7 +8,10 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.detection import (
+    DEFAULT_THRESHOLD,
     DetectionActivities,
+    alarm_scores,
+    anomaly_scores,
     pack_series,
     score_batch,
     z_to_score,
@@ -188,3 +191,52 @@ def test_earlier_incidents_stay_out_of_baseline() -> None:
     result = score_batch(series[None, :])
     assert bool(result.anomalous[0])
     assert int(result.sustained_points[0]) == 4
+
+
+def test_anomaly_scores_use_only_earlier_points() -> None:
+    rng = np.random.default_rng(3)
+    values = rng.normal(5.0, 1.0, (4, 700))
+    values[1, 500:] += 4.0
+    values[2, rng.choice(700, 50, replace=False)] = np.nan
+    full = anomaly_scores(values)
+    for end in (10, 299, 301, 600):
+        np.testing.assert_array_equal(full[:, :end], anomaly_scores(values[:, :end]))
+
+
+def test_anomaly_scores_in_unit_interval() -> None:
+    rng = np.random.default_rng(5)
+    values = rng.lognormal(0.0, 2.0, (20, 400))
+    values[:, 200:] *= 1000.0
+    values[3, :50] = np.nan
+    scores = anomaly_scores(values)
+    assert np.all(np.isnan(scores[3, :50]))
+    finite = scores[~np.isnan(scores)]
+    assert np.all(finite >= 0.0)
+    assert np.all(finite < 1.0)
+
+
+def test_anomaly_scores_flag_step_at_threshold() -> None:
+    rng = np.random.default_rng(8)
+    values = rng.normal(10.0, 0.5, (1, 800))
+    values[0, 700:] += 20.0
+    scores = anomaly_scores(values)[0]
+    assert scores[700] >= DEFAULT_THRESHOLD
+    assert np.mean(scores[100:700] >= DEFAULT_THRESHOLD) < 0.01
+
+
+def test_anomaly_scores_direction() -> None:
+    values = np.concatenate([np.tile([1.0, 2.0], 100), [-50.0]])[None, :]
+    assert anomaly_scores(values, "up")[0, -1] == 0.0
+    assert anomaly_scores(values, "down")[0, -1] >= DEFAULT_THRESHOLD
+    assert anomaly_scores(values, "both")[0, -1] >= DEFAULT_THRESHOLD
+
+
+def test_alarm_scores_keep_new_highs_only() -> None:
+    scores = np.array([[0.1, 0.9, 0.85, 0.95, np.nan, 0.2]])
+    np.testing.assert_array_equal(
+        alarm_scores(scores, hold_points=3), [[0.1, 0.9, 0.0, 0.95, 0.0, 0.0]]
+    )
+    # After hold_points rows, a lower score is an alarm again.
+    np.testing.assert_array_equal(
+        alarm_scores(scores, hold_points=1), [[0.1, 0.9, 0.0, 0.95, 0.0, 0.2]]
+    )

@@ -15,7 +15,7 @@ torch = pytest.importorskip(
 )
 
 from activities import detection_torch  # noqa: E402
-from activities.detection import score_batch  # noqa: E402
+from activities.detection import alarm_scores, anomaly_scores, score_batch  # noqa: E402
 from activities.detection_torch import score_batch_torch  # noqa: E402
 
 TOLERANCE = 1e-9
@@ -85,3 +85,25 @@ def test_empty_and_invalid_input() -> None:
         score_batch_torch(np.zeros((1, 5)), direction="sideways")
     with pytest.raises(ValueError):
         score_batch_torch(np.zeros(5))
+
+
+@pytest.mark.parametrize("direction", ["up", "down", "both"])
+def test_anomaly_scores_match(direction: str) -> None:
+    # 700 points, so that the seasonal lag (288) and the short window (300)
+    # are both reached.
+    values = sample_values(n_points=700)
+    values[10, 400:] += 3.0
+    values[11] = np.cumsum(np.random.default_rng(2).normal(0.0, 1.0, 700)) * 1e6
+    expected = anomaly_scores(values, direction)
+    actual = detection_torch.anomaly_scores_torch(values, direction)
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
+    np.testing.assert_allclose(
+        np.nan_to_num(actual), np.nan_to_num(expected), atol=TOLERANCE
+    )
+
+
+def test_alarm_scores_match() -> None:
+    scores = anomaly_scores(sample_values(n_points=700))
+    expected = alarm_scores(scores)
+    actual = detection_torch.alarm_scores_torch(scores)
+    np.testing.assert_allclose(actual, expected, atol=TOLERANCE)

@@ -20,7 +20,7 @@ from activities.signals import SignalActivities, judge_interval
 from remediator.intake.app import create_app
 from remediator.intake.store import GoldenSignalStore
 from remediator.settings import IntakeSettings, Settings
-from workflows.models import Evidence, SignalQuery, VerifyInput
+from workflows.models import DiscoveryQuery, Evidence, SignalQuery, VerifyInput
 
 END = datetime.now(UTC).replace(microsecond=0)
 BOUNDS = [0.1, 0.5, 1.0]
@@ -113,6 +113,26 @@ async def test_collect_evidence_reads_store(activities):
     assert evidence.error_ratio == pytest.approx(0.2)
     assert evidence.request_rate == pytest.approx(100 / 30)
     assert [p.requests for p in evidence.points] == [100]
+
+
+async def test_discover_applications_lists_the_store(activities):
+    found = await ActivityEnvironment().run(
+        activities.discover_applications, DiscoveryQuery()
+    )
+    assert found == ["shop/failing", "shop/healthy", "shop/idle", "shop/slow"]
+
+
+async def test_discover_applications_needs_the_token():
+    settings = Settings(intake=IntakeSettings(bearer_token=SecretStr("s3cret")))
+    app = create_app(settings, UnusedStarter(), store=GoldenSignalStore())
+    unauthorised = Settings(intake=IntakeSettings(bearer_token=SecretStr("wrong")))
+    activities = SignalActivities(unauthorised, transport=httpx.ASGITransport(app=app))
+    with pytest.raises(ApplicationError) as raised:
+        await ActivityEnvironment().run(
+            activities.discover_applications, DiscoveryQuery()
+        )
+    assert raised.value.non_retryable
+    assert "401" in str(raised.value)
 
 
 async def test_collect_evidence_without_end_uses_now():
