@@ -10,16 +10,26 @@ STAMP := $(VENV)/.installed
 
 SCENARIOS := rollback budget approval abort flapping verify-fails shadow sweep
 
+# The tests check the torch scorer against numpy on the CPU. 2.13.0 is the CPU
+# build that this project's machines keep on disk; on other machines pip may
+# fetch a CUDA build of several GB instead. Override with TORCH=... if needed.
+TORCH ?= torch==2.13.0
+TORCH_STAMP := $(VENV)/.torch
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+$(TORCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet '$(TORCH)'
+	touch $(TORCH_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/remediator demo $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(TORCH_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -267,8 +267,11 @@ async def run_demo(
         }
         _print_report(console, report, as_json)
         if keep_running:
+            env_file = write_operator_env(stack, work_dir)
             console.print(
-                f"The stack stays up; open {report['web_ui_url']}. Ctrl-C stops it."
+                f"The stack stays up; open {report['web_ui_url']}. Ctrl-C stops it.\n"
+                f"Operator commands in another shell: set -a; . {env_file}; set +a; "
+                "then remediator list, or remediator sweep --dry-run"
             )
             await asyncio.Event().wait()
         return 0 if outcomes == story.expected else 1
@@ -369,6 +372,18 @@ async def _save_histories(
         return  # no incident reached the budget
     path = history_dir / f"{scenario}-budget.json"
     path.write_text(history.to_json(), encoding="utf-8")
+
+
+def write_operator_env(stack: EmbeddedStack, work_dir: Path) -> Path:
+    """Write the stack's settings, tokens left out, for operator commands."""
+    path = work_dir / "operator.env"
+    lines = [
+        f"{name}={value}"
+        for name, value in sorted(stack.environment.items())
+        if not name.endswith("_TOKEN")
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 async def run_sweep_command(stack: EmbeddedStack) -> str:
