@@ -251,7 +251,7 @@ class SweepSettings(BaseSettings):
     min_sustained_seconds: float = Field(
         60.0, description="anomalies younger than this open no incident"
     )
-    batch_series: int = Field(500, description="series per detection call")
+    batch_series: int = Field(200, description="series per detection call")
     interval_seconds: float = Field(
         300.0, description="interval of the Temporal Schedule, seconds"
     )

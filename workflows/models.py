@@ -272,7 +272,12 @@ class SweepInput(BaseModel):
     min_sustained_seconds: float = Field(
         default=0.0, description="open incidents only for anomalies at least this old"
     )
-    batch_series: int = Field(default=500, description="series per detection call")
+    batch_series: int = Field(default=200, description="series per detection call")
+    batch_points: int = Field(
+        default=50_000,
+        description="points per detection call, which keeps the call's payload "
+        "under Temporal's 2 MB limit",
+    )
     concurrency: int = Field(default=8, description="evidence reads at a time")
     applications_per_run: int = Field(
         default=200, description="applications per run before continue-as-new"

@@ -171,9 +171,7 @@ class DetectionSweepWorkflow:
 
     async def _score(self, input: SweepInput, series: list[Series]) -> list:
         verdicts = []
-        size = max(1, input.batch_series)
-        for start in range(0, len(series), size):
-            batch = series[start : start + size]
+        for batch in _batches(series, input.batch_series, input.batch_points):
             try:
                 result = await workflow.execute_activity(
                     "score_series",
@@ -210,6 +208,21 @@ class DetectionSweepWorkflow:
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=WRITE_RETRY,
         )
+
+
+def _batches(series: list[Series], max_series: int, max_points: int):
+    """Split `series` into runs of at most `max_series` series and `max_points`."""
+    batch: list[Series] = []
+    points = 0
+    for item in series:
+        size = len(item.values)
+        if batch and (len(batch) >= max_series or points + size > max_points):
+            yield batch
+            batch, points = [], 0
+        batch.append(item)
+        points += size
+    if batch:
+        yield batch
 
 
 def _details_markdown(result: SweepResult) -> str:

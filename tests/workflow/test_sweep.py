@@ -243,3 +243,21 @@ async def test_short_anomalies_open_nothing(
     )
     assert result.findings == []
     assert fleet.opened == []
+
+
+@pytest.mark.asyncio
+async def test_batches_stay_under_the_points_limit(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    ratios = {f"team/app-{i}": 0.01 for i in range(5)}
+    fleet = FakeFleet(ratios)
+    # Each series has 60 points, so 130 points allow two series a call.
+    result = await sweep(
+        time_skipping_env,
+        fleet,
+        task_queue,
+        applications=sorted(ratios),
+        batch_points=130,
+    )
+    assert fleet.batches == [2, 2, 1]
+    assert result.series_scored == 5
