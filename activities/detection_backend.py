@@ -9,9 +9,9 @@ Batches are sized to the device's memory, not to a fixed count. At start the
 backend scores a sample batch and measures its peak memory per point
 (tracemalloc for numpy, the CUDA allocator's peak for torch). A call then
 scores at most `budget / (points per series * bytes per point)` series at a
-time, where the budget is `memory_fraction` of the memory free at start: on
-CUDA the free device memory, on the CPU the smaller of MemAvailable and the
-cgroup's remaining limit, which is what a Kubernetes memory limit sets.
+time. The budget is `memory_fraction` of the memory free at start. On CUDA
+that is the free device memory. On the CPU it is the smaller of MemAvailable
+and the cgroup's remaining limit, which a Kubernetes memory limit sets.
 """
 
 from __future__ import annotations
@@ -123,6 +123,8 @@ def _numpy_score(values: np.ndarray, threshold: float) -> BatchScores:
 
 
 def _cuda_backend(memory_fraction: float) -> DetectionBackend | None:
+    # NOTE: no GPU was available where this was written, so this path has run
+    # only with CUDA absent. The torch.cuda calls are the documented ones.
     try:
         import torch
     except ImportError:
@@ -225,7 +227,7 @@ def _cgroup_remaining() -> int | None:
 
 
 def describe(backend: DetectionBackend, points: int = SAMPLE_POINTS) -> str:
-    """One line for the worker's start log: device, memory and batch size."""
+    """Describe the device, memory budget and batch size in one log line."""
     return (
         f"Detection worker scores with {backend.description}; "
         f"{backend.bytes_per_point:,.0f} bytes per point measured, "

@@ -75,5 +75,5 @@ class IncidentActivities:
         except StarterUnavailableError as error:
             # Retryable: the activity's retry policy waits for Temporal.
             raise ApplicationError(
-                f"Temporal did not answer: {error}", type="TemporalUnavailable"
+                f"Temporal is unreachable: {error}", type="TemporalUnavailable"
             ) from error

@@ -190,7 +190,7 @@ def add_sweep_command(
 
 
 async def run_sweep_command(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the parsed `sweep` command; print errors as one line, exit 1."""
+    """Run the parsed `sweep` command; a bad setting prints one line and exits 2."""
     console = Console(soft_wrap=True)
     try:
         input = None

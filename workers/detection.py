@@ -6,8 +6,8 @@ it chooses the scorer and device (`activities.detection_backend`), measures
 the memory one point needs and logs one line naming the device and the batch
 size. It runs at most `REMEDIATOR_DETECTION_MAX_CONCURRENT_ACTIVITIES`
 scoring activities at once. On SIGTERM the runner stops polling and lets the
-running activities finish for up to `GRACEFUL_SHUTDOWN`; an activity still
-running then is cancelled and Temporal retries it on another worker.
+running activities finish for up to `GRACEFUL_SHUTDOWN`. An activity still
+running after that is cancelled, so Temporal retries it on another worker.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class DetectionSweepWorkflow:
 
     @workflow.query(name="status")
     def status(self) -> SweepResult:
-        """What the sweep has read, scored and found so far."""
+        """Return what the sweep has read, scored and found so far."""
         return self._result
 
     @workflow.run
