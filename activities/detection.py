@@ -419,9 +419,9 @@ def pack_series(series_values: list[list[float | None]]) -> np.ndarray:
 def score_detection_input(input: DetectionInput, backend=None) -> DetectionResult:
     """Score every series of `input` and build one verdict per series.
 
-    `backend` is an `activities.detection_backend.DetectionBackend`, which
-    picks the device and splits the series into batches that fit its memory;
-    without one, numpy scores the whole input at once on the CPU.
+    `backend` is an `activities.detection_backend.DetectionBackend`. It picks
+    the device and splits the series into batches that fit its memory. Without
+    one, numpy scores the whole input at once on the CPU.
     """
     if not 0.0 < input.threshold <= 1.0:
         raise ValueError(f"threshold {input.threshold} is not in (0, 1]")

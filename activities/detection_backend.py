@@ -1,4 +1,4 @@
-"""Which scorer the detection worker runs, on which device, in how large batches.
+"""Choice of the detection worker's scorer, device and batch size.
 
 `select_backend` picks torch on CUDA when a GPU is present and torch is
 installed (the `gpu` extra), and numpy on the CPU otherwise;

@@ -139,7 +139,7 @@ def hold(detect: Callable, rows: int = HOLD_ROWS) -> Callable:
 
 
 def remediator_detector(values: np.ndarray) -> np.ndarray:
-    """The production scorer and its alarm step, as the service runs them."""
+    """Score with the streaming scorer (`anomaly_scores`), then the alarm step."""
     return alarm_scores(anomaly_scores(values[None, :]))[0]
 
 

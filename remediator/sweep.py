@@ -242,5 +242,5 @@ def print_result(console: Console, result: SweepResult) -> None:
         console.print(f"[yellow]{key} skipped[/yellow]: {reason}")
 
 
-def _count(number: int, one: str, many: str | None = None) -> str:
-    return f"{number} {one if number == 1 else (many or one + 's')}"
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else (plural or singular + 's')}"

@@ -241,7 +241,7 @@ class SweepFinding(BaseModel):
 
 
 class SweepResult(BaseModel):
-    """What one sweep read, scored and found."""
+    """Result of one sweep: the applications read, the series scored, the findings."""
 
     applications: int = 0
     series_scored: int = 0
@@ -256,7 +256,7 @@ class SweepResult(BaseModel):
 class SweepInput(BaseModel):
     """Start input of DetectionSweepWorkflow, built from `SweepSettings`.
 
-    The Temporal Schedule stores this input, so it holds no secret.
+    The Temporal Schedule stores this input, so it contains no secret.
     """
 
     applications: list[str] = Field(

@@ -22,7 +22,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.incident import READ_RETRY, WRITE_RETRY
+    from workflows.incident import READ_RETRY, WRITE_RETRY, _cause
     from workflows.models import (
         DetectionInput,
         DetectionResult,
@@ -41,12 +41,6 @@ with workflow.unsafe.imports_passed_through():
 def _split_key(key: str) -> tuple[str, str]:
     namespace, _, app = key.partition("/")
     return namespace, app
-
-
-def _cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return str(err)
 
 
 @workflow.defn(name="DetectionSweepWorkflow")

@@ -59,7 +59,7 @@ async def wait_for_sweep(client: Client, workflow_id: str) -> SweepResult:
 
 
 @pytest.mark.asyncio
-async def test_schedule_runs_a_sweep_then_updates_and_deletes(
+async def test_schedule_runs_updates_and_deletes(
     local_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     client = local_env.client
@@ -98,7 +98,7 @@ async def test_schedule_runs_a_sweep_then_updates_and_deletes(
 
 
 @pytest.mark.asyncio
-async def test_too_short_interval_is_refused(
+async def test_short_interval_is_rejected(
     local_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     settings = settings_for(task_queue, interval_seconds=1)
@@ -107,7 +107,7 @@ async def test_too_short_interval_is_refused(
 
 
 @pytest.mark.asyncio
-async def test_open_incident_starts_then_signals_the_same_workflow(
+async def test_open_incident_starts_then_signals(
     local_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     settings = settings_for(task_queue)
@@ -139,7 +139,9 @@ async def test_open_incident_starts_then_signals_the_same_workflow(
 
 
 @pytest.mark.asyncio
-async def test_open_incident_refuses_bad_names(local_env: WorkflowEnvironment) -> None:
+async def test_open_incident_rejects_invalid_names(
+    local_env: WorkflowEnvironment,
+) -> None:
     finding = SweepFinding(
         application="Shop/cart", series="x", score=1, sustained_seconds=1
     )

@@ -23,7 +23,8 @@ def test_cpu_backend_measures_memory_per_point() -> None:
     assert backend.bytes_per_point >= 16
     assert backend.memory_budget_bytes > 0
     line = describe(backend)
-    assert "on the CPU" in line and "series of 1440 points per batch" in line
+    assert "on the CPU" in line
+    assert "series of 1440 points per batch" in line
 
 
 def test_batches_follow_the_budget() -> None:

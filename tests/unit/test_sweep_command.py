@@ -19,13 +19,13 @@ from remediator.sweep import (
 from workflows.models import OpenIncidentInput, SweepFinding, SweepResult
 
 
-def test_applications_are_checked_sorted_and_deduplicated() -> None:
+def test_applications_sorted_and_deduplicated() -> None:
     keys = parse_applications(" shop/cart,web/front,,shop/cart ", "X")
     assert keys == ["shop/cart", "web/front"]
 
 
 @pytest.mark.parametrize("bad", ["cart", "Shop/cart", "shop/", "shop/cart/x", "a b/c"])
-def test_bad_application_names_the_value_and_the_form(bad: str) -> None:
+def test_invalid_application_is_rejected(bad: str) -> None:
     with pytest.raises(SweepSettingsError, match="namespace/app") as raised:
         parse_applications(bad, "REMEDIATOR_SWEEP_APPLICATIONS")
     assert "REMEDIATOR_SWEEP_APPLICATIONS" in str(raised.value)
@@ -45,7 +45,7 @@ def test_input_comes_from_settings() -> None:
     assert input.detection_task_queue == settings.temporal.detection_task_queue
 
 
-def test_app_flags_replace_the_setting_and_discovery() -> None:
+def test_app_flags_replace_settings() -> None:
     settings = Settings(sweep=SweepSettings(applications="shop/cart", discover=True))
     input = sweep_input(settings, applications=["web/front"], open_incidents=False)
     assert input.applications == ["web/front"]
@@ -53,7 +53,7 @@ def test_app_flags_replace_the_setting_and_discovery() -> None:
     assert not input.open_incidents
 
 
-def test_nothing_opted_in_is_an_error_that_names_the_settings() -> None:
+def test_empty_opt_in_is_rejected() -> None:
     with pytest.raises(SweepSettingsError, match="REMEDIATOR_SWEEP_APPLICATIONS"):
         sweep_input(Settings(sweep=SweepSettings()))
     assert sweep_input(Settings(sweep=SweepSettings(discover=True))).discover
@@ -64,13 +64,15 @@ def test_command_line_parses_actions() -> None:
     args = parser.parse_args(["sweep"])
     assert args.action == "now"
     args = parser.parse_args(["sweep", "--app", "shop/cart", "--dry-run", "--json"])
-    assert args.app == ["shop/cart"] and args.dry_run and args.json
+    assert args.app == ["shop/cart"]
+    assert args.dry_run
+    assert args.json
     assert parser.parse_args(["sweep", "schedule"]).action == "schedule"
     with pytest.raises(SystemExit):
         parser.parse_args(["sweep", "later"])
 
 
-def test_printed_result_names_findings_and_skips() -> None:
+def test_printed_result_lists_findings() -> None:
     console = Console(record=True, width=200)
     result = SweepResult(
         applications=2,
@@ -96,7 +98,7 @@ def test_printed_result_names_findings_and_skips() -> None:
     assert "shop/quiet skipped: no data in the window" in text
 
 
-def test_sweep_alert_names_the_series_and_keeps_one_fingerprint() -> None:
+def test_sweep_alert_fingerprint_is_stable() -> None:
     finding = SweepFinding(
         application="shop/cart",
         series="shop/cart:latency_p99_seconds",
@@ -112,6 +114,7 @@ def test_sweep_alert_names_the_series_and_keeps_one_fingerprint() -> None:
     )
     assert alert.fingerprint == again.fingerprint == "sweep-shop-cart"
     assert alert.alertname == SWEEP_ALERT_NAME
-    assert alert.labels["namespace"] == "shop" and alert.labels["app"] == "cart"
+    assert alert.labels["namespace"] == "shop"
+    assert alert.labels["app"] == "cart"
     assert "latency_p99_seconds scored 0.91" in alert.annotations["summary"]
     assert alert.status == "firing"

@@ -1,6 +1,6 @@
 """DetectionSweepWorkflow on the time-skipping test server, with faked activities.
 
-The fakes answer under the real activity names: `collect_evidence`,
+The fakes are registered under the real activity names: `collect_evidence`,
 `discover_applications` and `open_incident` on the sweep's task queue, and
 `score_series` on a detection queue of its own. An application is anomalous
 when its error ratio ends above 0.2.
@@ -128,7 +128,7 @@ async def sweep(
 
 
 @pytest.mark.asyncio
-async def test_sweep_opens_one_incident_per_anomalous_application(
+async def test_sweep_opens_incident_per_anomaly(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     fleet = FakeFleet({"shop/cart": 0.4, "shop/checkout": 0.01, "web/front": 0.3})
@@ -169,7 +169,7 @@ async def test_dry_run_reports_without_opening(
 
 
 @pytest.mark.asyncio
-async def test_unreadable_and_empty_applications_are_skipped_with_reasons(
+async def test_unreadable_applications_are_skipped(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     fleet = FakeFleet({"shop/cart": 0.4, "shop/quiet": None, "shop/locked": 0.9})
@@ -202,7 +202,7 @@ async def test_detection_failure_opens_nothing(
 
 
 @pytest.mark.asyncio
-async def test_discovery_batches_and_continue_as_new(
+async def test_discovery_and_continue_as_new(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     ratios = {f"team/app-{i}": (0.5 if i % 4 == 0 else 0.01) for i in range(9)}
