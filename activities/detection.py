@@ -1,23 +1,28 @@
 """The `score_series` activity: confirm an anomaly in golden-signal series.
 
 The detector worker runs it on the `remediation-detection` task queue, and the
-incident workflow calls it with the evidence series before the decision step.
-Scoring is streaming, so each point is scored only against points before it.
-The score is a robust z-score (distance from the trailing median in units of
-the trailing median absolute deviation) mapped to [0, 1], so scores of
-different series compare. `score_batch` contains the numpy scorer as a pure
-function over a (series, points) array, so that a GPU version can replace it.
+incident workflow and the detection sweep call it with the evidence series.
+Scoring is streaming: a point's score uses only that point and earlier ones.
 
-`anomaly_scores` and `alarm_scores` are a second streaming scorer, tuned on
-the NAB corpus (see docs/benchmarks.md); the verdicts do not use it yet.
+`anomaly_scores` gives each point five causal features (described below),
+each divided by its value at the threshold. The largest, u, maps to
+u / (u + 0.25) in [0, 1), so scores of different series compare and u = 1
+scores DEFAULT_THRESHOLD. `alarm_scores` turns those scores into alarms.
+Together they are the detector measured on NAB (docs/benchmarks.md).
+
+`score_batch`, which makes the verdicts, uses the same features with one
+change: a point at or above the threshold stays out of the novelty baseline
+(the range of earlier values) for the next EPISODE_POINTS points. So a
+sustained step keeps scoring high for as long as it lasts, and an episode does
+not hide a repeat of itself shortly after. Past EPISODE_POINTS the baseline
+takes the episode's points in, so a lasting level shift stops alarming. The
+same code runs on torch (`activities.detection_torch`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,25 +34,11 @@ from workflows.models import DetectionInput, DetectionResult, SeriesVerdict
 
 logger = logging.getLogger(__name__)
 
-# Earlier points that form a point's baseline. A baseline resists an anomaly
-# until the anomaly fills half of it, because the median and MAD are robust up
-# to 50% contamination.
-BASELINE_POINTS = 60
 # Minimum number of non-gap earlier points a point needs to be scored.
 MIN_BASELINE_POINTS = 8
-# Robust z-score that maps to a score of 0.8, the default threshold. 3.5 is the
-# outlier cut-off commonly used with the modified (median and MAD) z-score.
-Z_AT_DEFAULT_THRESHOLD = 3.5
 DEFAULT_THRESHOLD = 0.8
-# Lower bounds of the baseline scale, so that a flat baseline (MAD 0) does not
-# turn the smallest change into an infinite z-score: a fraction of the median's
-# magnitude, and an absolute floor for series that sit at 0.
-RELATIVE_SCALE_FLOOR = 0.05
+# Lower bound of a window's standard deviation, for series that sit at 0.
 ABSOLUTE_SCALE_FLOOR = 1e-6
-# Scale from MAD to the standard deviation of a normal distribution.
-MAD_TO_SIGMA = 1.4826
-
-_Z_RATE = -math.log(1.0 - DEFAULT_THRESHOLD) / Z_AT_DEFAULT_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -64,19 +55,12 @@ class BatchScores:
     points_scored: np.ndarray
 
 
-def z_to_score(z: np.ndarray) -> np.ndarray:
-    """Map non-negative robust z-scores to [0, 1); z = 3.5 gives 0.8."""
-    return 1.0 - np.exp(-_Z_RATE * z)
-
-
 def score_batch(
     values: np.ndarray,
     threshold: float = DEFAULT_THRESHOLD,
     direction: str = "up",
-    baseline_points: int = BASELINE_POINTS,
-    min_baseline_points: int = MIN_BASELINE_POINTS,
 ) -> BatchScores:
-    """Score every point of every series against the points before it.
+    """Score every point of every series from the points up to it.
 
     `values` has shape (n_series, n_points) in time order; NaN and infinities
     are gaps, which are neither scored nor part of a baseline. Series of
@@ -84,32 +68,17 @@ def score_batch(
     points align. `direction` is "up" (only increases are anomalous, right for
     error ratio and latency), "down" or "both".
 
+    A point is scored once it has MIN_BASELINE_POINTS earlier non-gap points.
     The verdict of a series uses its last scored point, which is `anomalous`
     when its score is at or above `threshold`. `sustained_points` counts the
     trailing run of scored points at or above the threshold, and gaps neither
     extend nor end that run. A series with no scored point has score 0.
     """
-    if direction not in ("up", "down", "both"):
-        raise ValueError(f"direction {direction!r} is not up, down or both")
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 2:
-        raise ValueError(f"values must have 2 dimensions, not {values.ndim}")
-    n_series, n_points = values.shape
-    values = np.where(np.isfinite(values), values, np.nan)
-
-    # Pass one scores against every earlier point. Pass two drops the points
-    # pass one flagged from the baselines, so an earlier incident does not
-    # widen the baseline and hide the next one. Flags come from earlier points
-    # only, so each score still uses only the points before it.
-    z, baseline_count = _robust_z(values, values, direction, baseline_points)
-    first_scored = ~np.isnan(values) & (baseline_count >= min_baseline_points)
-    flagged = first_scored & (z_to_score(np.where(first_scored, z, 0.0)) >= threshold)
-    clean = np.where(flagged, np.nan, values)
-    z, baseline_count = _robust_z(values, clean, direction, baseline_points)
-
-    scored = ~np.isnan(values) & (baseline_count >= min_baseline_points)
-    scores = np.where(scored, z_to_score(np.where(scored, z, 0.0)), np.nan)
-
+    values = _check_values(values, direction)
+    if values.size == 0:
+        return batch_verdicts(values.copy(), np.zeros(values.shape, bool), threshold)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scores, scored = _episode_scores(values, threshold, direction, _NUMPY_OPS)
     return batch_verdicts(scores, scored, threshold)
 
 
@@ -151,42 +120,6 @@ def batch_verdicts(
     )
 
 
-def _robust_z(
-    values: np.ndarray, baseline: np.ndarray, direction: str, baseline_points: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return each point's robust z-score against the earlier points of
-    `baseline`, and how many non-gap points each baseline holds."""
-    n_series, n_points = values.shape
-    # windows[s, t] contains values[s, t - baseline_points : t], NaN before 0.
-    padded = np.concatenate(
-        [np.full((n_series, baseline_points), np.nan), baseline], axis=1
-    )
-    windows = np.lib.stride_tricks.sliding_window_view(padded, baseline_points, axis=1)[
-        :, :n_points
-    ]
-    baseline_count = np.sum(~np.isnan(windows), axis=-1)
-
-    with warnings.catch_warnings():
-        # All-NaN windows give NaN medians, and those points are unscored.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        median = np.nanmedian(windows, axis=-1)
-        mad = np.nanmedian(np.abs(windows - median[..., None]), axis=-1)
-
-    scale = np.maximum(
-        MAD_TO_SIGMA * mad,
-        np.maximum(RELATIVE_SCALE_FLOOR * np.abs(median), ABSOLUTE_SCALE_FLOOR),
-    )
-    deviation = (values - median) / scale
-    if direction == "up":
-        z = np.maximum(deviation, 0.0)
-    elif direction == "down":
-        z = np.maximum(-deviation, 0.0)
-    else:
-        z = np.abs(deviation)
-
-    return z, baseline_count
-
-
 # --- Streaming detector tuned on NAB -----------------------------------------
 #
 # `anomaly_scores` scores each point from five causal features, each divided by
@@ -218,6 +151,10 @@ Z_RELATIVE_SCALE_FLOOR = 1e-3
 # An alarm is a point whose score is above every score of the previous
 # ALARM_HOLD_POINTS points.
 ALARM_HOLD_POINTS = 100
+# Points after which a flagged point joins the novelty baseline of
+# `score_batch`. Longer than the service's evidence windows (20 to 120 points),
+# so an episode inside a window never widens the baseline.
+EPISODE_POINTS = 100
 
 
 def anomaly_scores(values: np.ndarray, direction: str = "both") -> np.ndarray:
@@ -271,6 +208,8 @@ class ArrayOps:
     isnan: Callable
     where: Callable
     maximum: Callable
+    minimum: Callable
+    amax: Callable  # maximum over time, one value per series
     sqrt: Callable
 
 
@@ -288,6 +227,8 @@ _NUMPY_OPS = ArrayOps(
     isnan=np.isnan,
     where=np.where,
     maximum=np.maximum,
+    minimum=np.minimum,
+    amax=lambda a: np.max(a, axis=1),
     sqrt=np.sqrt,
 )
 
@@ -295,13 +236,21 @@ _NUMPY_OPS = ArrayOps(
 def _anomaly_scores(values, direction: str, ops: ArrayOps):
     """`anomaly_scores` for arrays of either library; gaps must be NaN."""
     nan = ops.full(values, (), np.nan)
-    zero = ops.full(values, (), 0.0)
-    u = _novelty(values, direction, ops) / NOVELTY_AT_THRESHOLD
+    u = ops.maximum(
+        _novelty(values, direction, ops) / NOVELTY_AT_THRESHOLD,
+        _context_features(values, direction, ops),
+    )
+    u = ops.where(ops.isnan(u), ops.full(values, (), 0.0), u)
+    return ops.where(ops.isnan(values), nan, u / (u + 0.25))
 
+
+def _context_features(values, direction: str, ops: ArrayOps):
+    """Return the largest of the four features other than the value's novelty,
+    each divided by its value at the threshold; 0 where none has a baseline."""
+    nan = ops.full(values, (), np.nan)
     smooth_mean, _, smooth_count = _rolling_mean_std(values, SMOOTH_POINTS, True, ops)
     smooth = ops.where(smooth_count >= SMOOTH_POINTS, smooth_mean, nan)
-    u = ops.maximum(u, _novelty(smooth, direction, ops) / SMOOTH_NOVELTY_AT_THRESHOLD)
-
+    u = _novelty(smooth, direction, ops) / SMOOTH_NOVELTY_AT_THRESHOLD
     u = ops.maximum(
         u, _window_z(values, LONG_WINDOW, direction, ops) / LONG_Z_AT_THRESHOLD
     )
@@ -312,9 +261,71 @@ def _anomaly_scores(values, direction: str, ops: ArrayOps):
     u = ops.maximum(
         u, _window_z(season, LONG_WINDOW, direction, ops) / SEASON_Z_AT_THRESHOLD
     )
+    return ops.where(ops.isnan(u), ops.full(values, (), 0.0), u)
 
-    u = ops.where(ops.isnan(u), zero, u)
-    return ops.where(ops.isnan(values), nan, u / (u + 0.25))
+
+def _episode_scores(values, threshold: float, direction: str, ops: ArrayOps):
+    """Return the scores and scored mask of `score_batch`; gaps must be NaN.
+
+    The value's novelty needs the range of the earlier points that count:
+    every point older than EPISODE_POINTS, and the recent points that scored
+    under the threshold. Whether a point counts depends on its own score, so
+    this walks the points in time order, all series at once.
+    """
+    n_series, n_points = values.shape
+    window = EPISODE_POINTS
+    context = _context_features(values, direction, ops)
+    # Column j of `history` is point j - window, NaN before the first point.
+    history = ops.cat([ops.full(values, (n_series, window), np.nan), values])
+    flagged = ops.full(values, (n_series, window + n_points), 0.0)
+    old_high = ops.full(values, (n_series,), -np.inf)
+    old_low = ops.full(values, (n_series,), np.inf)
+    earlier = ops.full(values, (n_series,), 0.0)
+    zero = ops.full(values, (n_series,), 0.0)
+    one = ops.full(values, (n_series,), 1.0)
+    columns = []
+    for t in range(n_points):
+        if t > 0:
+            # Point t - window - 1 leaves the recent points and always counts.
+            leaving = history[:, t - 1]
+            missing = ops.isnan(leaving)
+            old_high = ops.where(missing, old_high, ops.maximum(old_high, leaving))
+            old_low = ops.where(missing, old_low, ops.minimum(old_low, leaving))
+        recent = history[:, t : t + window]
+        left_out = ops.isnan(recent) | (flagged[:, t : t + window] > 0)
+        high = ops.maximum(old_high, ops.amax(ops.where(left_out, -np.inf, recent)))
+        low = ops.minimum(old_low, -ops.amax(ops.where(left_out, -np.inf, -recent)))
+
+        value = history[:, t + window]
+        present = ~ops.isnan(value)
+        spread = high - low
+        valid = present & (spread > 0) & (spread < np.inf)
+        spread = ops.where(valid, spread, one)
+        above = ops.where(valid, value - high, zero)
+        below = ops.where(valid, low - value, zero)
+        if direction == "up":
+            excess = above
+        elif direction == "down":
+            excess = below
+        else:
+            excess = ops.maximum(above, below)
+        excess = ops.maximum(excess, zero)
+        u = ops.maximum(excess / spread / NOVELTY_AT_THRESHOLD, context[:, t])
+        score = u / (u + 0.25)
+        hit = present & (earlier >= MIN_BASELINE_POINTS) & (score >= threshold)
+        flagged[:, t + window] = ops.where(hit, one, zero)
+        columns.append(ops.where(present, score, value)[:, None])
+        earlier = earlier + ops.where(present, one, zero)
+
+    present = ~ops.isnan(values)
+    counts = ops.cumsum(
+        ops.where(present, ops.full(values, (), 1.0), ops.full(values, (), 0.0))
+    )
+    scored = present & (_shift(counts, 1, 0.0, ops) >= MIN_BASELINE_POINTS)
+    if not columns:
+        return values, scored
+    scores = ops.cat(columns)
+    return ops.where(scored, scores, ops.full(values, (), np.nan)), scored
 
 
 def _shift(a, rows: int, fill: float, ops: ArrayOps):

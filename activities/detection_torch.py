@@ -1,19 +1,11 @@
-"""A torch version of `activities.detection.score_batch`, for CUDA or CPU.
+"""The scorers of `activities.detection` on torch, for CUDA or the CPU.
 
-`score_batch_torch` takes the same arguments and returns the same
-`BatchScores` as the numpy scorer: the same two-pass robust z-score (trailing
-median and MAD, flagged points dropped from the second pass's baselines), the
-same scale floors, the same mapping to [0, 1) and the same verdict fields. It
-runs on CUDA when available and on the CPU otherwise, in float64 by
-default so that it matches the numpy scores to rounding.
-
-The median follows numpy's `nanmedian`: the mean of the two middle values for
-an even count (torch's own `nanmedian` returns the lower one). Series are
-processed in chunks so that the (series, points, baseline) windows fit in
-memory. torch is an optional dependency (the `gpu` extra).
-
-`anomaly_scores_torch` and `alarm_scores_torch` run the NAB-tuned scorer of
-`activities.detection` through the same code with torch operations.
+`score_batch_torch`, `anomaly_scores_torch` and `alarm_scores_torch` run the
+same code as their numpy versions, through torch operations. They run on CUDA
+when available and on the CPU otherwise, in float64 by default, so they match
+the numpy scores to rounding (the unit tests check 1e-9 on the CPU). Series
+are scored in chunks that bound the memory. torch is an optional dependency
+(the `gpu` extra).
 """
 
 from __future__ import annotations
@@ -22,28 +14,26 @@ import numpy as np
 import torch
 
 from activities.detection import (
-    _Z_RATE,
-    ABSOLUTE_SCALE_FLOOR,
     ALARM_HOLD_POINTS,
-    BASELINE_POINTS,
     DEFAULT_THRESHOLD,
-    MAD_TO_SIGMA,
-    MIN_BASELINE_POINTS,
-    RELATIVE_SCALE_FLOOR,
+    EPISODE_POINTS,
     ArrayOps,
     BatchScores,
     _anomaly_scores,
+    _check_values,
+    _episode_scores,
     _shift,
     _sliding_max,
     batch_verdicts,
 )
 
-# Elements of the (series, points, baseline) window tensor in one chunk.
-CHUNK_ELEMENTS = 1 << 26
+# Points of one chunk of `score_batch_torch`. Scoring keeps a few dozen arrays
+# of the chunk's size, so 2**22 float64 points take roughly 1 to 2 GiB.
+CHUNK_POINTS = 1 << 22
 
 
 def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
+    """Return CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -51,100 +41,28 @@ def score_batch_torch(
     values: np.ndarray,
     threshold: float = DEFAULT_THRESHOLD,
     direction: str = "up",
-    baseline_points: int = BASELINE_POINTS,
-    min_baseline_points: int = MIN_BASELINE_POINTS,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> BatchScores:
-    """Score every point of every series against the points before it.
+    """Score like `activities.detection.score_batch`; see there.
 
-    Same semantics as `activities.detection.score_batch`; see there. The
-    result holds numpy arrays.
+    The result holds numpy arrays.
     """
-    if direction not in ("up", "down", "both"):
-        raise ValueError(f"direction {direction!r} is not up, down or both")
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 2:
-        raise ValueError(f"values must have 2 dimensions, not {values.ndim}")
+    values = _check_values(values, direction)
     device = torch.device(device) if device is not None else default_device()
     n_series, n_points = values.shape
     scores = np.full((n_series, n_points), np.nan)
     scored = np.zeros((n_series, n_points), dtype=bool)
     if n_series and n_points:
-        chunk = max(1, CHUNK_ELEMENTS // max(1, n_points * baseline_points))
+        chunk = max(1, CHUNK_POINTS // (n_points + EPISODE_POINTS))
         for start in range(0, n_series, chunk):
             part = torch.as_tensor(values[start : start + chunk], dtype=dtype)
-            part_scores, part_scored = _score_tensor(
-                part.to(device),
-                threshold,
-                direction,
-                baseline_points,
-                min_baseline_points,
+            part_scores, part_scored = _episode_scores(
+                part.to(device), threshold, direction, _TORCH_OPS
             )
             scores[start : start + chunk] = part_scores.cpu().double().numpy()
             scored[start : start + chunk] = part_scored.cpu().numpy()
     return batch_verdicts(scores, scored, threshold)
-
-
-def _z_to_score(z: torch.Tensor) -> torch.Tensor:
-    return 1.0 - torch.exp(-_Z_RATE * z)
-
-
-def _score_tensor(
-    values: torch.Tensor,
-    threshold: float,
-    direction: str,
-    baseline_points: int,
-    min_baseline_points: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    values = torch.where(torch.isfinite(values), values, torch.nan)
-    present = ~torch.isnan(values)
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    z, count = _robust_z(values, values, direction, baseline_points)
-    first = present & (count >= min_baseline_points)
-    flagged = first & (_z_to_score(torch.where(first, z, zero)) >= threshold)
-    clean = torch.where(flagged, torch.nan, values)
-    z, count = _robust_z(values, clean, direction, baseline_points)
-    scored = present & (count >= min_baseline_points)
-    scores = torch.where(scored, _z_to_score(torch.where(scored, z, zero)), torch.nan)
-    return scores, scored
-
-
-def _nanmedian_last(windows: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """numpy-style nanmedian over the last axis; NaN where count is 0."""
-    # sort puts NaN last, so the count non-NaN values come first.
-    ordered = torch.sort(windows, dim=-1).values
-    low = ((count - 1).clamp(min=0) // 2).unsqueeze(-1)
-    high = (count // 2).clamp(max=windows.shape[-1] - 1).unsqueeze(-1)
-    median = (ordered.gather(-1, low) + ordered.gather(-1, high)).squeeze(-1) / 2
-    return torch.where(count > 0, median, torch.nan)
-
-
-def _robust_z(
-    values: torch.Tensor, baseline: torch.Tensor, direction: str, baseline_points: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n_series, n_points = values.shape
-    pad = torch.full(
-        (n_series, baseline_points), torch.nan, dtype=values.dtype, device=values.device
-    )
-    padded = torch.cat([pad, baseline], dim=1)
-    # windows[s, t] is baseline[s, t - baseline_points : t].
-    windows = padded.unfold(1, baseline_points, 1)[:, :n_points]
-    count = (~torch.isnan(windows)).sum(dim=-1)
-    median = _nanmedian_last(windows, count)
-    mad = _nanmedian_last((windows - median.unsqueeze(-1)).abs(), count)
-    scale = torch.maximum(
-        MAD_TO_SIGMA * mad,
-        torch.clamp(RELATIVE_SCALE_FLOOR * median.abs(), min=ABSOLUTE_SCALE_FLOOR),
-    )
-    deviation = (values - median) / scale
-    if direction == "up":
-        z = deviation.clamp(min=0.0)
-    elif direction == "down":
-        z = (-deviation).clamp(min=0.0)
-    else:
-        z = deviation.abs()
-    return z, count
 
 
 def _torch_first_present(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -164,6 +82,8 @@ _TORCH_OPS = ArrayOps(
     isnan=torch.isnan,
     where=torch.where,
     maximum=torch.maximum,
+    minimum=torch.minimum,
+    amax=lambda a: torch.amax(a, dim=1),
     sqrt=torch.sqrt,
 )
 

@@ -6,13 +6,12 @@
 One synthetic batch (a seeded random walk around 10 with noise, spikes, step
 changes and 1% gaps) is scored by
 
-- `numpy`: `activities.detection.score_batch`, 60 baseline points, on chunks
-  of `--chunk` series (the whole batch at once needs series x points x 60
-  float64 values per sort, 6.9 GB for 10,000 x 1,440);
+- `numpy`: `activities.detection.score_batch`, the verdict scorer, on chunks
+  of `--chunk` series;
 - `torch-cpu` and, when CUDA is available, `torch-cuda`:
   `activities.detection_torch.score_batch_torch` on the same batch (it
   chunks by itself), float64;
-- `pyod-mad`: PyOD's `MAD` detector (median absolute deviation, the same
+- `pyod-mad`: PyOD's `MAD` detector (median absolute deviation, a robust
   statistic), fitted and scored on each series separately, gaps dropped. It
   is a batch detector (each point is scored against the whole series, not the
   points before it), so it does less work per point than the streaming

@@ -57,30 +57,27 @@ def assert_same(expected, actual) -> None:
 
 
 @pytest.mark.parametrize("direction", ["up", "down", "both"])
-@pytest.mark.parametrize("baseline_points", [8, 60])
-def test_matches_numpy(direction: str, baseline_points: int) -> None:
+@pytest.mark.parametrize("threshold", [0.5, 0.8])
+def test_matches_numpy(direction: str, threshold: float) -> None:
     values = sample_values()
-    expected = score_batch(values, 0.8, direction, baseline_points, 8)
-    actual = score_batch_torch(values, 0.8, direction, baseline_points, 8)
+    expected = score_batch(values, threshold, direction)
+    actual = score_batch_torch(values, threshold, direction)
     assert_same(expected, actual)
 
 
 def test_matches_numpy_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     # A tiny chunk size splits the batch into several chunks.
-    monkeypatch.setattr(detection_torch, "CHUNK_ELEMENTS", 200 * 60 * 5)
+    monkeypatch.setattr(detection_torch, "CHUNK_POINTS", 300 * 5)
     values = sample_values(seed=9, n_series=17)
     assert_same(score_batch(values), score_batch_torch(values))
 
 
-def test_even_baseline_median() -> None:
-    # Baseline 1, 2, 3, 10 has median 2.5 (torch.nanmedian would give 2) and
-    # MAD 1 (deviations 1.5, 0.5, 0.5, 7.5), so 4 scores with z = 1.5 / 1.4826.
-    values = np.array([[1.0, 2.0, 3.0, 10.0, 4.0]])
-    expected = score_batch(values, baseline_points=4, min_baseline_points=4)
-    actual = score_batch_torch(values, baseline_points=4, min_baseline_points=4)
-    assert_same(expected, actual)
-    assert actual.scores[0, 4] == pytest.approx(
-        1.0 - np.exp(-np.log(5.0) / 3.5 * 1.5 / 1.4826)
+def test_matches_numpy_past_the_episode() -> None:
+    # 700 points pass EPISODE_POINTS, the seasonal lag and the short window.
+    values = sample_values(n_points=700)
+    values[10, 400:] += 3.0
+    assert_same(
+        score_batch(values, 0.8, "both"), score_batch_torch(values, 0.8, "both")
     )
 
 
