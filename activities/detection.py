@@ -272,6 +272,9 @@ def _episode_scores(values, threshold: float, direction: str, ops: ArrayOps):
     under the threshold. Whether a point counts depends on its own score, so
     this walks the points in time order, all series at once.
     """
+    # NOTE: the first MIN_BASELINE_POINTS points are never flagged, so an
+    # episode already underway when the series starts stays in the baseline,
+    # and a repeat of it later in the same series may not stand out.
     n_series, n_points = values.shape
     window = EPISODE_POINTS
     context = _context_features(values, direction, ops)

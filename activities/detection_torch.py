@@ -27,8 +27,9 @@ from activities.detection import (
     batch_verdicts,
 )
 
-# Points of one chunk of `score_batch_torch`. Scoring keeps a few dozen arrays
-# of the chunk's size, so 2**22 float64 points take roughly 1 to 2 GiB.
+# Points of one chunk of `score_batch_torch`. The numpy scorer peaks at about
+# 150 bytes per point (tracemalloc), so 2**22 points take about 0.6 GiB there;
+# torch is assumed to be close, which is an estimate.
 CHUNK_POINTS = 1 << 22
 
 

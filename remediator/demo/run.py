@@ -249,7 +249,12 @@ async def run_demo(
         console.print(story.description)
         await asyncio.sleep(BASELINE_SECONDS)
         incidents = []
-        for _ in story.expected:
+        for index in range(len(story.expected)):
+            if index:
+                # The detector takes the first points of its window as the
+                # baseline, so the next bad deploy waits until the previous
+                # episode has left the evidence window.
+                await asyncio.sleep(stack.settings.signals.window_seconds)
             incidents.append(await _play_incident(stack, story, console))
         outcomes = [incident["outcome"] for incident in incidents]
         if history_dir is not None:
