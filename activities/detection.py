@@ -301,19 +301,8 @@ def _episode_scores(values, threshold: float, direction: str, ops: ArrayOps):
 
         value = history[:, t + window]
         present = ~ops.isnan(value)
-        spread = high - low
-        valid = present & (spread > 0) & (spread < np.inf)
-        spread = ops.where(valid, spread, one)
-        above = ops.where(valid, value - high, zero)
-        below = ops.where(valid, low - value, zero)
-        if direction == "up":
-            excess = above
-        elif direction == "down":
-            excess = below
-        else:
-            excess = ops.maximum(above, below)
-        excess = ops.maximum(excess, zero)
-        u = ops.maximum(excess / spread / NOVELTY_AT_THRESHOLD, context[:, t])
+        novelty = _beyond_range(value, high, low, direction, ops)
+        u = ops.maximum(novelty / NOVELTY_AT_THRESHOLD, context[:, t])
         score = u / (u + 0.25)
         hit = present & (earlier >= MIN_BASELINE_POINTS) & (score >= threshold)
         flagged[:, t + window] = ops.where(hit, one, zero)
@@ -367,8 +356,14 @@ def _novelty(values, direction: str, ops: ArrayOps):
     missing = ops.isnan(values)
     high = _shift(ops.cummax(ops.where(missing, -np.inf, values)), 1, -np.inf, ops)
     low = -_shift(ops.cummax(ops.where(missing, -np.inf, -values)), 1, -np.inf, ops)
+    return _beyond_range(values, high, low, direction, ops)
+
+
+def _beyond_range(values, high, low, direction: str, ops: ArrayOps):
+    """Distance of `values` beyond [low, high], over high - low; 0 while that
+    range is empty or 0, or at a gap."""
     spread = high - low
-    valid = ~missing & (spread > 0) & (spread < np.inf)
+    valid = ~ops.isnan(values) & (spread > 0) & (spread < np.inf)
     one = ops.full(values, (), 1.0)
     spread = ops.where(valid, spread, one)
     above = _signed(ops.where(valid, values - high, -one), "up", ops)
