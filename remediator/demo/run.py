@@ -249,13 +249,17 @@ async def run_demo(
         console.print(story.description)
         await asyncio.sleep(BASELINE_SECONDS)
         incidents = []
-        for index in range(len(story.expected)):
-            if index:
-                # The detector takes the first points of its window as the
-                # baseline, so the next bad deploy waits until the previous
-                # episode has left the evidence window.
-                await asyncio.sleep(stack.settings.signals.window_seconds)
-            incidents.append(await _play_incident(stack, story, console))
+        try:
+            for index in range(len(story.expected)):
+                if index:
+                    # The detector takes the first points of its window as the
+                    # baseline, so the next bad deploy waits until the previous
+                    # episode has left the evidence window.
+                    await asyncio.sleep(stack.settings.signals.window_seconds)
+                incidents.append(await _play_incident(stack, story, console))
+        except (RuntimeError, TimeoutError, httpx.HTTPError, RPCError) as error:
+            _print_failure(console, scenario, layout, story, incidents, error, as_json)
+            return 1
         outcomes = [incident["outcome"] for incident in incidents]
         if history_dir is not None:
             await _save_histories(stack, scenario, incidents, history_dir)
@@ -494,6 +498,32 @@ async def _follow(
         return result.result(), description.run_id
     except WorkflowFailureError as err:
         raise RuntimeError(f"incident {workflow_id} failed: {err.cause}") from err
+
+
+def _print_failure(
+    console: Console,
+    scenario: str,
+    layout: str,
+    story: Scenario,
+    incidents: list[dict],
+    error: Exception,
+    as_json: bool,
+) -> None:
+    """Say why the demo stopped before its incidents ended; with `as_json`,
+    as a report whose outcome is "error", so scripts always get JSON."""
+    message = f"{type(error).__name__}: {error}"
+    if as_json:
+        report = {
+            "scenario": scenario,
+            "layout": layout,
+            "outcome": "error",
+            "error": message,
+            "expected_outcomes": story.expected,
+            "outcomes": [incident["outcome"] for incident in incidents],
+            "incidents": incidents,
+        }
+        print(json.dumps(report, indent=2))
+    console.print(f"[red]The demo stopped: {message}[/red]", highlight=False)
 
 
 def _print_report(console: Console, report: dict, as_json: bool) -> None:
