@@ -258,6 +258,11 @@ class SweepSettings(BaseSettings):
     schedule_id: str = Field(
         "remediator-detection-sweep", description="id of the Temporal Schedule"
     )
+    schedule_on_start: bool = Field(
+        False,
+        description="the orchestrator worker creates or updates the Schedule at "
+        "start, so the deployment keeps it in step with these settings",
+    )
 
 
 class PolicySettings(BaseSettings):

@@ -29,6 +29,7 @@ from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from remediator.settings import Settings, WorkerSettings
@@ -347,6 +348,8 @@ async def _run(
     else:
         from workers.detection import build_worker
     worker = build_worker(client, settings)
+    if kind == "orchestrator" and settings.sweep.schedule_on_start:
+        await ensure_sweep_schedule(client, settings)
 
     if stop is None:
         stop = asyncio.Event()
@@ -368,3 +371,62 @@ async def _run(
             health.draining()
         logger.info("Worker %s is draining after a stop signal.", kind)
     logger.info("Worker %s stopped.", kind)
+
+
+async def ensure_sweep_schedule(client: Client, settings: Settings) -> None:
+    """Create or update the sweep's Schedule from the settings.
+
+    With no application opted in and discovery off, the Schedule is deleted
+    if it exists, since the deployment owns it. Other bad sweep settings stop
+    the worker with the setting to fix. When Temporal refuses the Schedule,
+    the worker logs why and runs on, because incidents must not wait on the
+    sweep; the next start tries again.
+    """
+    from remediator.sweep import (
+        SweepSettingsError,
+        schedule_sweep,
+        sweep_input,
+        unschedule_sweep,
+    )
+
+    sweep = settings.sweep
+    try:
+        if not sweep.applications.strip() and not sweep.discover:
+            await _delete_schedule(client, settings, unschedule_sweep)
+            return
+        schedule_id = await schedule_sweep(client, settings, sweep_input(settings))
+    except SweepSettingsError as err:
+        raise SystemExit(
+            "The orchestrator worker cannot create the sweep Schedule "
+            f"(REMEDIATOR_SWEEP_SCHEDULE_ON_START=true): {err}"
+        ) from None
+    except RPCError as err:
+        logger.error(
+            "Could not keep the sweep Schedule %s in step with the settings: %s. "
+            "Incidents run on; the next worker start tries again, or run "
+            "remediator sweep schedule.",
+            settings.sweep.schedule_id,
+            err,
+        )
+        return
+    logger.info(
+        "Sweep Schedule %s starts a sweep every %g s.",
+        schedule_id,
+        settings.sweep.interval_seconds,
+    )
+
+
+async def _delete_schedule(client: Client, settings: Settings, unschedule) -> None:
+    try:
+        await unschedule(client, settings)
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+        logger.info(
+            "No application is opted in to the sweep, so there is no sweep Schedule."
+        )
+        return
+    logger.info(
+        "No application is opted in to the sweep; deleted the sweep Schedule %s.",
+        settings.sweep.schedule_id,
+    )

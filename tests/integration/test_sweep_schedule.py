@@ -10,6 +10,7 @@ workflow, so the test reads the signal from the history.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import pytest
@@ -26,6 +27,7 @@ from remediator.sweep import (
     unschedule_sweep,
 )
 from tests.workflow.test_sweep import FakeFleet
+from workers.runner import ensure_sweep_schedule
 from workflows.models import OpenIncidentInput, SweepFinding, SweepResult
 from workflows.sweep import DetectionSweepWorkflow
 
@@ -95,6 +97,48 @@ async def test_schedule_runs_updates_and_deletes(
     await unschedule_sweep(client, settings)
     ids = [s.id async for s in await client.list_schedules()]
     assert schedule_id not in ids
+
+
+async def schedule_ids(client: Client) -> list[str]:
+    return [s.id async for s in await client.list_schedules()]
+
+
+@pytest.mark.asyncio
+async def test_worker_start_syncs_schedule(
+    local_env: WorkflowEnvironment, task_queue: str, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="workers.runner")
+    client = local_env.client
+    settings = settings_for(task_queue, interval_seconds=900, schedule_on_start=True)
+    schedule_id = settings.sweep.schedule_id
+
+    await ensure_sweep_schedule(client, settings)
+    handle = client.get_schedule_handle(schedule_id)
+    description = await handle.describe()
+    assert description.schedule.spec.intervals[0].every.total_seconds() == 900
+
+    # A restart with other settings updates the same Schedule.
+    settings.sweep.interval_seconds = 1200
+    await ensure_sweep_schedule(client, settings)
+    description = await handle.describe()
+    assert description.schedule.spec.intervals[0].every.total_seconds() == 1200
+
+    # Opting every application out deletes it, and a second start is a no-op.
+    settings.sweep.applications = ""
+    await ensure_sweep_schedule(client, settings)
+    assert schedule_id not in await schedule_ids(client)
+    await ensure_sweep_schedule(client, settings)
+    assert "there is no sweep Schedule" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_bad_sweep_settings_stop_worker(
+    local_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    settings = settings_for(task_queue, interval_seconds=1, schedule_on_start=True)
+    with pytest.raises(SystemExit, match="INTERVAL_SECONDS is 1"):
+        await ensure_sweep_schedule(local_env.client, settings)
+    assert settings.sweep.schedule_id not in await schedule_ids(local_env.client)
 
 
 @pytest.mark.asyncio
