@@ -97,7 +97,7 @@ COLLECT_EVIDENCE_WINDOW_SECONDS = "60"
 INCIDENT_TIMEOUT_SECONDS = 240.0
 GIT_DELAY_SECONDS = 0.3
 # Attempts of a case whose poll missed its stage (it saw a later one first).
-ATTEMPTS = 3
+ATTEMPTS = 5
 # Above 80% of the default workflow task timeout (10 s), below the policy
 # timeout set for the decide case and the local activity's 15 s.
 POLICY_DELAY_SECONDS = 12.0
