@@ -269,3 +269,33 @@ def test_alarm_scores_keep_new_highs_only() -> None:
     np.testing.assert_array_equal(
         alarm_scores(scores, hold_points=1), [[0.1, 0.9, 0.0, 0.95, 0.0, 0.2]]
     )
+
+
+def daily_pattern(days: int = 5, noise: float = 0.1) -> np.ndarray:
+    """A daily sine at NAB's 5-minute step (288 points a day) with noise."""
+    rng = np.random.default_rng(12)
+    t = np.arange(288 * days)
+    return 10.0 + 5.0 * np.sin(2 * np.pi * t / 288) + rng.normal(0.0, noise, t.size)
+
+
+def test_missing_daily_peak_is_flagged() -> None:
+    clean = daily_pattern()
+    values = clean.copy()
+    # On the last day the peak stays at the mean level: every value lies
+    # inside the range of earlier days, so only the seasonal change shows it.
+    peak = slice(288 * 4 + 20, 288 * 4 + 120)
+    values[peak] = 10.0 + np.random.default_rng(13).normal(0.0, 0.1, 100)
+    assert values[peak].max() < clean[: peak.start].max()
+    assert values[peak].min() > clean[: peak.start].min()
+
+    for scores in (
+        anomaly_scores(values[None])[0],
+        score_batch(values[None], direction="both").scores[0],
+    ):
+        assert np.any(scores[peak] >= DEFAULT_THRESHOLD)
+        assert not np.any(scores[400 : peak.start] >= DEFAULT_THRESHOLD)
+
+
+def test_regular_daily_pattern_is_not_flagged() -> None:
+    scores = anomaly_scores(daily_pattern()[None])[0]
+    assert not np.any(scores[400:] >= DEFAULT_THRESHOLD)
