@@ -4,7 +4,7 @@ The detector worker runs it on the `remediation-detection` task queue, and the
 incident workflow and the detection sweep call it with the evidence series.
 Scoring is streaming: a point's score uses only that point and earlier ones.
 
-`anomaly_scores` gives each point five causal features (described below),
+`anomaly_scores` gives each point six causal features (described below),
 each divided by its value at the threshold. The largest, u, maps to
 u / (u + 0.25) in [0, 1), so scores of different series compare and u = 1
 scores DEFAULT_THRESHOLD. `alarm_scores` turns those scores into alarms.
@@ -122,7 +122,7 @@ def batch_verdicts(
 
 # --- Streaming detector tuned on NAB -----------------------------------------
 #
-# `anomaly_scores` scores each point from five causal features, each divided by
+# `anomaly_scores` scores each point from six causal features, each divided by
 # its value at the threshold, and takes the maximum u:
 #
 # - novelty: how far the value lies beyond the minimum or maximum of every
@@ -138,8 +138,8 @@ def batch_verdicts(
 # u maps to u / (u + 0.25), so u = 1 scores DEFAULT_THRESHOLD (0.8). The
 # windows and the values at the threshold were chosen by a search that
 # maximised the NAB standard profile score on the NAB corpus itself. The
-# seasonal features need SEASON_MEAN_POINTS + SEASON_LAG points, so they never
-# act on the service's evidence windows (20 to 120 points).
+# seasonal features need SEASON_MEAN_POINTS + SEASON_LAG points, so they do
+# not act on the service's default evidence windows (20 to 120 points).
 LONG_WINDOW = 1000
 SHORT_WINDOW = 300
 SMOOTH_POINTS = 20
@@ -250,7 +250,7 @@ def _anomaly_scores(values, direction: str, ops: ArrayOps):
 
 
 def _context_features(values, direction: str, ops: ArrayOps):
-    """Return the largest of the four features other than the value's novelty,
+    """Return the largest of the five features other than the value's novelty,
     each divided by its value at the threshold; 0 where none has a baseline."""
     nan = ops.full(values, (), np.nan)
     smooth_mean, _, smooth_count = _rolling_mean_std(values, SMOOTH_POINTS, True, ops)
@@ -267,8 +267,8 @@ def _context_features(values, direction: str, ops: ArrayOps):
 
 
 def _seasonal_features(values, direction: str, ops: ArrayOps):
-    """The seasonal change's z-score and novelty, each divided by its value at
-    the threshold, whichever is larger; NaN until the change exists."""
+    """Return the larger of the seasonal change's z-score and novelty, each
+    divided by its value at the threshold; NaN until the change exists."""
     nan = ops.full(values, (), np.nan)
     mean, _, count = _rolling_mean_std(values, SEASON_MEAN_POINTS, True, ops)
     mean = ops.where(count >= SEASON_MEAN_POINTS, mean, nan)

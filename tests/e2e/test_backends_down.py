@@ -18,7 +18,7 @@ from tests.e2e.helpers import DemoRun, run_demo
 
 pytestmark = pytest.mark.e2e
 
-# What each backend's settings point at, and what the escalation must say.
+# Each backend's settings, and the reason its escalation must give.
 BACKENDS = {
     "prometheus": (
         {

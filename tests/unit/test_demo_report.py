@@ -9,7 +9,7 @@ from rich.console import Console
 from remediator.demo.run import SCENARIOS, _print_failure
 
 
-def test_failure_prints_a_json_report_with_the_error(capsys) -> None:
+def test_failure_prints_json_report(capsys) -> None:
     console = Console(stderr=True)
     story = SCENARIOS["rollback"]
     error = TimeoutError("the error ratio never stayed above the alert threshold")
@@ -25,7 +25,7 @@ def test_failure_prints_a_json_report_with_the_error(capsys) -> None:
     assert "The demo stopped" in captured.err
 
 
-def test_failure_without_json_prints_no_report(capsys) -> None:
+def test_failure_without_json_prints_nothing(capsys) -> None:
     story = SCENARIOS["rollback"]
     _print_failure(
         Console(stderr=True), "rollback", "plain", story, [], RuntimeError("x"), False
