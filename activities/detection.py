@@ -153,9 +153,20 @@ SEASON_Z_AT_THRESHOLD = 12.0
 SEASON_NOVELTY_AT_THRESHOLD = 1.25
 # Lower bound of a window's standard deviation, relative to its mean.
 Z_RELATIVE_SCALE_FLOOR = 1e-3
+# Lower bound of the earlier range in the novelties, relative to the largest
+# absolute value in it.
+RANGE_RELATIVE_FLOOR = 1e-3
 # An alarm is a point whose score is above every score of the previous
 # ALARM_HOLD_POINTS points.
 ALARM_HOLD_POINTS = 100
+# Below this many earlier points, the novelty needed grows in inverse
+# proportion to their count (10 times at 30 points), because a small
+# baseline's range is narrow and noise sets new records often. On 500
+# 30-point windows of Gaussian noise, the last point scored anomalous in 18.6%
+# of them with the threshold of a full baseline, and in 2.2% with this rule.
+# A step of an error ratio from 1% to 30% exceeds such a range many times over
+# and still scores high.
+SMALL_BASELINE_POINTS = 300
 # Points after which a flagged point joins the novelty baseline of
 # `score_batch`. Longer than the service's evidence windows (20 to 120 points),
 # so an episode inside a window never widens the baseline.
@@ -241,8 +252,9 @@ _NUMPY_OPS = ArrayOps(
 def _anomaly_scores(values, direction: str, ops: ArrayOps):
     """`anomaly_scores` for arrays of either library; gaps must be NaN."""
     nan = ops.full(values, (), np.nan)
+    novelty_needed = NOVELTY_AT_THRESHOLD * _small_baseline_factor(values, ops)
     u = ops.maximum(
-        _novelty(values, direction, ops) / NOVELTY_AT_THRESHOLD,
+        _novelty(values, direction, ops, floored=True) / novelty_needed,
         _context_features(values, direction, ops),
     )
     u = ops.where(ops.isnan(u), ops.full(values, (), 0.0), u)
@@ -255,7 +267,8 @@ def _context_features(values, direction: str, ops: ArrayOps):
     nan = ops.full(values, (), np.nan)
     smooth_mean, _, smooth_count = _rolling_mean_std(values, SMOOTH_POINTS, True, ops)
     smooth = ops.where(smooth_count >= SMOOTH_POINTS, smooth_mean, nan)
-    u = _novelty(smooth, direction, ops) / SMOOTH_NOVELTY_AT_THRESHOLD
+    smooth_needed = SMOOTH_NOVELTY_AT_THRESHOLD * _small_baseline_factor(values, ops)
+    u = _novelty(smooth, direction, ops) / smooth_needed
     u = ops.maximum(
         u, _window_z(values, LONG_WINDOW, direction, ops) / LONG_Z_AT_THRESHOLD
     )
@@ -292,6 +305,7 @@ def _episode_scores(values, threshold: float, direction: str, ops: ArrayOps):
     n_series, n_points = values.shape
     window = EPISODE_POINTS
     context = _context_features(values, direction, ops)
+    novelty_needed = NOVELTY_AT_THRESHOLD * _small_baseline_factor(values, ops)
     # Column j of `history` is point j - window, NaN before the first point.
     history = ops.cat([ops.full(values, (n_series, window), np.nan), values])
     flagged = ops.full(values, (n_series, window + n_points), 0.0)
@@ -315,8 +329,8 @@ def _episode_scores(values, threshold: float, direction: str, ops: ArrayOps):
 
         value = history[:, t + window]
         present = ~ops.isnan(value)
-        novelty = _beyond_range(value, high, low, direction, ops)
-        u = ops.maximum(novelty / NOVELTY_AT_THRESHOLD, context[:, t])
+        novelty = _beyond_range(value, high, low, direction, ops, floored=True)
+        u = ops.maximum(novelty / novelty_needed[:, t], context[:, t])
         score = u / (u + 0.25)
         hit = present & (earlier >= MIN_BASELINE_POINTS) & (score >= threshold)
         flagged[:, t + window] = ops.where(hit, one, zero)
@@ -332,6 +346,18 @@ def _episode_scores(values, threshold: float, direction: str, ops: ArrayOps):
         return values, scored
     scores = ops.cat(columns)
     return ops.where(scored, scores, ops.full(values, (), np.nan)), scored
+
+
+def _small_baseline_factor(values, ops: ArrayOps):
+    """Return how many times more novelty each point needs than with a full
+    baseline: SMALL_BASELINE_POINTS over its count of earlier non-gap points,
+    at least 1."""
+    present = ops.where(
+        ops.isnan(values), ops.full(values, (), 0.0), ops.full(values, (), 1.0)
+    )
+    earlier = _shift(ops.cumsum(present), 1, 0.0, ops)
+    one = ops.full(values, (), 1.0)
+    return ops.maximum(one, SMALL_BASELINE_POINTS / ops.maximum(earlier, one))
 
 
 def _shift(a, rows: int, fill: float, ops: ArrayOps):
@@ -364,21 +390,38 @@ def _signed(deviation, direction: str, ops: ArrayOps):
     return ops.maximum(deviation, -deviation)
 
 
-def _novelty(values, direction: str, ops: ArrayOps):
+def _novelty(values, direction: str, ops: ArrayOps, floored: bool = False):
     """Distance beyond the range of every earlier point, over that range;
-    0 while the earlier range is empty or 0, or at a gap."""
+    0 at a gap, while the earlier range is empty, or while it is 0 and not
+    `floored` (see `_beyond_range`)."""
     missing = ops.isnan(values)
     high = _shift(ops.cummax(ops.where(missing, -np.inf, values)), 1, -np.inf, ops)
     low = -_shift(ops.cummax(ops.where(missing, -np.inf, -values)), 1, -np.inf, ops)
-    return _beyond_range(values, high, low, direction, ops)
+    return _beyond_range(values, high, low, direction, ops, floored)
 
 
-def _beyond_range(values, high, low, direction: str, ops: ArrayOps):
-    """Distance of `values` beyond [low, high], over high - low; 0 while that
-    range is empty or 0, or at a gap."""
+def _beyond_range(
+    values, high, low, direction: str, ops: ArrayOps, floored: bool = False
+):
+    """Distance of `values` beyond [low, high], over high - low; 0 at a gap
+    or while that range is empty.
+
+    Without `floored`, a range of 0 gives 0 too. With it, the range counts as
+    at least RANGE_RELATIVE_FLOOR of its largest absolute value (and at least
+    ABSOLUTE_SCALE_FLOOR), so a departure from a constant baseline, such as an
+    error ratio that was 0, is novel.
+    """
     spread = high - low
-    valid = ~ops.isnan(values) & (spread > 0) & (spread < np.inf)
+    known = (spread >= 0) if floored else (spread > 0)
+    valid = ~ops.isnan(values) & known & (spread < np.inf)
     one = ops.full(values, (), 1.0)
+    if floored:
+        level = ops.maximum(ops.maximum(high, -high), ops.maximum(low, -low))
+        floor = ops.maximum(
+            RANGE_RELATIVE_FLOOR * ops.where(valid, level, one),
+            ops.full(values, (), ABSOLUTE_SCALE_FLOOR),
+        )
+        spread = ops.maximum(spread, floor)
     spread = ops.where(valid, spread, one)
     above = _signed(ops.where(valid, values - high, -one), "up", ops)
     below = _signed(ops.where(valid, low - values, -one), "up", ops)

@@ -161,6 +161,34 @@ def test_noise_crossings_are_short() -> None:
     assert int(result.sustained_points.max()) < 3
 
 
+@pytest.mark.parametrize("points", [20, 30, 120])
+def test_few_healthy_windows_end_anomalous(points: int) -> None:
+    # A small baseline needs more novelty, so new records of noise in a
+    # short window rarely make its last point anomalous.
+    rng = np.random.default_rng(21)
+    result = score_batch(rng.normal(0.01, 0.002, (400, points)))
+    assert np.mean(result.anomalous) < 0.05
+    assert np.mean(result.sustained_points >= 3) < 0.01
+
+
+@pytest.mark.parametrize("level", [0.0, 0.01])
+def test_step_from_constant_baseline_sustained(level: float) -> None:
+    # An error ratio that sat at one value has a range of 0; leaving it is novel.
+    values = np.array([[level] * 40 + [0.4] * 10, [level] * 50])
+    result = score_batch(values)
+    assert result.anomalous.tolist() == [True, False]
+    assert result.sustained_points.tolist() == [10, 0]
+
+
+def test_latency_doubling_in_short_window_sustained() -> None:
+    rng = np.random.default_rng(22)
+    latency = rng.lognormal(np.log(0.05), 0.1, (20, 30))
+    latency[:, 22:] *= 2.0
+    result = score_batch(latency)
+    assert result.anomalous.all()
+    assert int(result.sustained_points.min()) >= 5
+
+
 @pytest.mark.parametrize("points", [30, 120])
 @pytest.mark.parametrize("seed", range(5))
 def test_healthy_noise_not_sustained(points: int, seed: int) -> None:
