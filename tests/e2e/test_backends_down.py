@@ -60,14 +60,19 @@ def closed_urls() -> Iterator[dict[str, str]]:
 def runs(
     tmp_path_factory: pytest.TempPathFactory, closed_urls: dict[str, str]
 ) -> dict[str, DemoRun]:
+    # mktemp is not thread-safe on its first call, which creates the base
+    # folder, so every work folder is made here before the threads start.
+    work_dirs = {
+        backend: tmp_path_factory.mktemp(f"down-{backend}") for backend in BACKENDS
+    }
+
     def play(backend: str) -> DemoRun:
         template, _ = BACKENDS[backend]
         environment = {
             name: value.format(url=closed_urls[backend])
             for name, value in template.items()
         }
-        work_dir = tmp_path_factory.mktemp(f"down-{backend}")
-        return run_demo(work_dir, environment=environment)
+        return run_demo(work_dirs[backend], environment=environment)
 
     with ThreadPoolExecutor(max_workers=len(BACKENDS)) as pool:
         return dict(zip(BACKENDS, pool.map(play, BACKENDS), strict=True))

@@ -21,9 +21,13 @@ SCENARIOS = [name for name in DEMO_SCENARIOS if name != "rollback"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DemoRun]:
+    # mktemp is not thread-safe on its first call, so the folders come first.
+    work_dirs = {
+        name: tmp_path_factory.mktemp(f"scenario-{name}") for name in SCENARIOS
+    }
+
     def play(scenario: str) -> DemoRun:
-        work_dir = tmp_path_factory.mktemp(f"scenario-{scenario}")
-        return run_demo(work_dir, "--scenario", scenario)
+        return run_demo(work_dirs[scenario], "--scenario", scenario)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(zip(SCENARIOS, pool.map(play, SCENARIOS), strict=True))
