@@ -102,8 +102,9 @@ def select_backend(
         backend = _cuda_backend(memory_fraction)
         if backend is None and device == "cuda":
             raise DeviceUnavailableError(
-                "REMEDIATOR_DETECTION_DEVICE is cuda, but torch with CUDA is not "
-                "available (install the gpu extra on a GPU node, or use auto)"
+                f"REMEDIATOR_DETECTION_DEVICE is cuda, but {_torch_state()}; run "
+                "the worker on a GPU node with a CUDA build of torch (the gpu "
+                "extra), or set REMEDIATOR_DETECTION_DEVICE to auto or cpu"
             )
     if backend is None:
         backend = DetectionBackend(
@@ -120,6 +121,17 @@ def select_backend(
 
 def _numpy_score(values: np.ndarray, threshold: float) -> BatchScores:
     return score_batch(values, threshold)
+
+
+def _torch_state() -> str:
+    """Say why torch cannot use CUDA here, for the error message."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    return f"torch {torch.__version__} finds no CUDA device"
 
 
 def _cuda_backend(memory_fraction: float) -> DetectionBackend | None:

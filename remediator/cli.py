@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from remediator.settings import Settings, describe_settings
+from remediator.settings import SettingsError, describe_settings, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from remediator.telemetry import setup_logging, setup_tracing
 
     setup_logging()
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        raise SystemExit(f"error: {error}") from None
     if args.command == "demo":
         from remediator.demo.run import run_demo
 

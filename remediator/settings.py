@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -427,7 +427,7 @@ def describe_settings() -> str:
     lines = ["settings (environment variables):"]
     for prefix, group in GROUPS.items():
         for name, field in group.model_fields.items():
-            default = field.default
+            default = field.get_default(call_default_factory=True)
             if isinstance(default, SecretStr) or name.endswith("token"):
                 shown = "unset" if default is None else "***"
             else:
@@ -437,3 +437,26 @@ def describe_settings() -> str:
             if field.description:
                 lines.append(f"      {field.description}")
     return "\n".join(lines)
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value its setting cannot take."""
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment.
+
+    Raises SettingsError naming each environment variable whose value is
+    invalid, with the value and what the setting accepts.
+    """
+    try:
+        return Settings()
+    except ValidationError as error:
+        prefixes = {group.__name__: prefix for prefix, group in GROUPS.items()}
+        prefix = prefixes.get(error.title)
+        problems = []
+        for problem in error.errors():
+            field = "_".join(str(part) for part in problem["loc"]).upper()
+            name = f"REMEDIATOR_{prefix}_{field}" if prefix else field
+            problems.append(f"{name} is {problem.get('input')!r}: {problem['msg']}")
+        raise SettingsError("; ".join(problems)) from None

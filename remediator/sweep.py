@@ -15,6 +15,9 @@ import json
 from datetime import UTC, datetime, timedelta
 
 from rich.console import Console
+from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import (
     Client,
     Schedule,
@@ -27,6 +30,7 @@ from temporalio.client import (
     ScheduleUpdate,
     ScheduleUpdateInput,
 )
+from temporalio.service import RPCError, RPCStatusCode
 
 from remediator.intake.alertmanager import is_dns1123_label
 from remediator.settings import Settings
@@ -36,6 +40,10 @@ from workflows.models import SWEEP_WORKFLOW, SweepInput, SweepResult
 
 class SweepSettingsError(ValueError):
     """A sweep setting or argument cannot be used; the message names the fix."""
+
+
+class SweepCommandError(RuntimeError):
+    """Temporal cannot run what the command asked for; the message gives the reason."""
 
 
 def parse_applications(text: str, where: str) -> list[str]:
@@ -96,6 +104,39 @@ def sweep_input(
         open_incidents=open_incidents,
         detection_task_queue=settings.temporal.detection_task_queue,
     )
+
+
+async def check_pollers(client: Client, settings: Settings) -> None:
+    """Raise SweepCommandError when no worker polls a task queue the sweep
+    needs, because its workflow would then wait without a word."""
+    queues = [
+        (
+            settings.temporal.task_queue,
+            TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            "remediator worker orchestrator",
+        ),
+        (
+            settings.temporal.detection_task_queue,
+            TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+            "remediator worker detection",
+        ),
+    ]
+    for name, queue_type, command in queues:
+        response = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(
+                    name=name, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL
+                ),
+                task_queue_type=queue_type,
+            ),
+            timeout=timedelta(seconds=10),
+        )
+        if not response.pollers:
+            raise SweepCommandError(
+                f"no worker polls task queue {name} in namespace "
+                f"{client.namespace}; start `{command}` with the same settings"
+            )
 
 
 async def run_sweep(
@@ -198,7 +239,7 @@ async def run_sweep_command(args: argparse.Namespace, settings: Settings) -> int
             input = sweep_input(
                 settings, applications=args.app, open_incidents=not args.dry_run
             )
-        client = await connect(settings.temporal)
+        client = await _connect(settings)
         if args.action == "schedule":
             schedule_id = await schedule_sweep(client, settings, input)
             console.print(
@@ -207,18 +248,48 @@ async def run_sweep_command(args: argparse.Namespace, settings: Settings) -> int
             )
             return 0
         if args.action == "unschedule":
-            deleted = await unschedule_sweep(client, settings)
+            deleted = await _unschedule(client, settings)
             console.print(f"Schedule {deleted} deleted.")
             return 0
+        await check_pollers(client, settings)
         result = await run_sweep(client, settings, input)
     except SweepSettingsError as error:
-        Console(stderr=True).print(f"[red]{error}[/red]")
+        Console(stderr=True, soft_wrap=True).print(f"[red]{error}[/red]")
         return 2
+    except SweepCommandError as error:
+        Console(stderr=True, soft_wrap=True).print(
+            f"[red]error: {error}[/red]", highlight=False
+        )
+        return 1
     if args.json:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     else:
         print_result(console, result)
     return 0
+
+
+async def _connect(settings: Settings) -> Client:
+    try:
+        return await connect(settings.temporal)
+    except RuntimeError as err:
+        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise SweepCommandError(
+            f"cannot connect to Temporal at {settings.temporal.address} (namespace "
+            f"{settings.temporal.namespace}): {first_line}. Start it or set "
+            "REMEDIATOR_TEMPORAL_ADDRESS"
+        ) from None
+
+
+async def _unschedule(client: Client, settings: Settings) -> str:
+    try:
+        return await unschedule_sweep(client, settings)
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+        raise SweepCommandError(
+            f"there is no sweep Schedule {settings.sweep.schedule_id} to delete "
+            "(REMEDIATOR_SWEEP_SCHEDULE_ID)"
+        ) from None
 
 
 def print_result(console: Console, result: SweepResult) -> None:

@@ -32,6 +32,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
+from activities.detection_backend import DeviceUnavailableError
 from remediator.settings import Settings, WorkerSettings
 from remediator.temporal import connect, worker_runtime
 
@@ -347,7 +348,10 @@ async def _run(
         from workers.orchestrator import build_worker
     else:
         from workers.detection import build_worker
-    worker = build_worker(client, settings)
+    try:
+        worker = build_worker(client, settings)
+    except (DeviceUnavailableError, ValueError) as err:
+        raise SystemExit(f"Worker {kind} cannot start: {err}") from None
     if kind == "orchestrator" and settings.sweep.schedule_on_start:
         await ensure_sweep_schedule(client, settings)
 

@@ -95,3 +95,27 @@ async def test_stop_signal_lets_the_running_activity_finish(
     lines = [r.getMessage() for r in caplog.records if r.name == "workers.detection"]
     assert any("Detection worker scores with numpy" in line for line in lines)
     assert any("per batch" in line for line in lines)
+
+
+@pytest.mark.asyncio
+async def test_cuda_without_gpu_stops_with_reason(
+    local_env: WorkflowEnvironment, task_queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import activities.detection_backend as backend
+
+    # Whatever this machine has, the worker must find no CUDA device.
+    monkeypatch.setattr(backend, "_cuda_backend", lambda memory_fraction: None)
+    settings = Settings(
+        temporal=TemporalSettings(
+            address=local_env.client.service_client.config.target_host,
+            namespace=local_env.client.namespace,
+            detection_task_queue=task_queue,
+        ),
+        detection=DetectionSettings(device="cuda"),
+    )
+    with pytest.raises(SystemExit) as stopped:
+        await run_worker("detection", settings, asyncio.Event())
+    message = str(stopped.value.code)
+    assert message.startswith("Worker detection cannot start:")
+    assert "REMEDIATOR_DETECTION_DEVICE is cuda" in message
+    assert "set REMEDIATOR_DETECTION_DEVICE to auto or cpu" in message

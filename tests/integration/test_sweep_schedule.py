@@ -9,6 +9,7 @@ workflow, so the test reads the signal from the history.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import uuid
@@ -19,9 +20,11 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.incidents import SWEEP_ALERT_NAME, IncidentActivities
+from remediator.devserver import free_port
 from remediator.settings import Settings, SweepSettings, TemporalSettings
 from remediator.sweep import (
     SweepSettingsError,
+    run_sweep_command,
     schedule_sweep,
     sweep_input,
     unschedule_sweep,
@@ -195,3 +198,48 @@ async def test_open_incident_rejects_invalid_names(
             activities.open_incident,
             OpenIncidentInput(namespace="Shop", app="cart", finding=finding),
         )
+
+
+def command_args(action: str) -> argparse.Namespace:
+    return argparse.Namespace(action=action, app=None, dry_run=True, json=False)
+
+
+def connected_settings(env: WorkflowEnvironment, task_queue: str) -> Settings:
+    settings = settings_for(task_queue)
+    settings.temporal.address = env.client.service_client.config.target_host
+    settings.temporal.namespace = env.client.namespace
+    return settings
+
+
+@pytest.mark.asyncio
+async def test_sweep_without_workers_says_which(
+    local_env: WorkflowEnvironment, task_queue: str, capsys
+) -> None:
+    settings = connected_settings(local_env, task_queue)
+    status = await run_sweep_command(command_args("now"), settings)
+    assert status == 1
+    error = capsys.readouterr().err
+    assert f"no worker polls task queue {task_queue}" in error
+    assert "remediator worker orchestrator" in error
+
+
+@pytest.mark.asyncio
+async def test_unschedule_twice_names_schedule(
+    local_env: WorkflowEnvironment, task_queue: str, capsys
+) -> None:
+    settings = connected_settings(local_env, task_queue)
+    assert await run_sweep_command(command_args("schedule"), settings) == 0
+    assert await run_sweep_command(command_args("unschedule"), settings) == 0
+    assert await run_sweep_command(command_args("unschedule"), settings) == 1
+    error = capsys.readouterr().err
+    assert f"no sweep Schedule {settings.sweep.schedule_id} to delete" in error
+
+
+@pytest.mark.asyncio
+async def test_sweep_without_temporal_names_address(task_queue: str, capsys) -> None:
+    settings = settings_for(task_queue)
+    settings.temporal.address = f"127.0.0.1:{free_port()}"
+    status = await run_sweep_command(command_args("now"), settings)
+    assert status == 1
+    error = capsys.readouterr().err
+    assert f"cannot connect to Temporal at {settings.temporal.address}" in error

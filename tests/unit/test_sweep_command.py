@@ -9,7 +9,7 @@ from rich.console import Console
 
 from activities.incidents import SWEEP_ALERT_NAME, sweep_alert
 from remediator.cli import build_parser
-from remediator.settings import Settings, SweepSettings
+from remediator.settings import Settings, SettingsError, SweepSettings, load_settings
 from remediator.sweep import (
     SweepSettingsError,
     parse_applications,
@@ -118,3 +118,10 @@ def test_sweep_alert_fingerprint_is_stable() -> None:
     assert alert.labels["app"] == "cart"
     assert "latency_p99_seconds scored 0.91" in alert.annotations["summary"]
     assert alert.status == "firing"
+
+
+def test_bad_environment_value_names_variable(monkeypatch) -> None:
+    monkeypatch.setenv("REMEDIATOR_SWEEP_INTERVAL_SECONDS", "abc")
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert str(raised.value).startswith("REMEDIATOR_SWEEP_INTERVAL_SECONDS is 'abc':")
