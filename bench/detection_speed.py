@@ -20,7 +20,7 @@ changes and 1% gaps) is scored by
 
 Each scorer runs `--repeats` times; the script prints the median seconds,
 points per second and each rate as a ratio to numpy. Torch is optional; without
-it the torch rows are skipped.
+it the torch rows are skipped. PyOD is required: `pip install -e '.[bench]'`.
 """
 
 from __future__ import annotations
@@ -119,7 +119,14 @@ def main() -> None:
         if torch.cuda.is_available():
             scorers.append(("torch-cuda", torch_scorer("cuda"), values))
     peer_series = min(args.peer_series or args.series, args.series)
-    scorers.append(("pyod-mad", pyod_scorer(), values[:peer_series]))
+    try:
+        peer = pyod_scorer()
+    except ImportError:
+        sys.exit(
+            "PyOD, the peer library this benchmark compares with, is not "
+            "installed: run .venv/bin/pip install -e '.[bench]'"
+        )
+    scorers.append(("pyod-mad", peer, values[:peer_series]))
 
     print(
         f"{args.series} series x {args.points} points, {args.repeats} repeats, "
