@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable
 from datetime import datetime
@@ -141,7 +142,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> None:
             f"{settings.temporal.namespace}: {first_line}"
         ) from err
 
-    console = Console(soft_wrap=False)
+    console = output_console()
     if args.command in ("approve", "abort"):
         action = control.approve if args.command == "approve" else control.abort
         await action(client, workflow_id, args.by, args.reason)
@@ -168,6 +169,19 @@ async def _run(args: argparse.Namespace, settings: Settings) -> None:
             console.print(render_rows(rows))
         else:
             console.print("no incidents match", highlight=False)
+
+
+# Width of tables written to a pipe or file, where no terminal sets one.
+PIPE_WIDTH = 400
+
+
+def output_console() -> Console:
+    """Return the console for command output. A terminal or COLUMNS sets its
+    width; in a pipe, rich would cut tables at 80 columns, so it is wider."""
+    width = None
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        width = PIPE_WIDTH
+    return Console(soft_wrap=False, width=width)
 
 
 def _fail(message: str) -> None:
