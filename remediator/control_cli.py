@@ -116,7 +116,7 @@ async def run_control_command(args: argparse.Namespace, settings: Settings) -> i
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> None:
-    from remediator.temporal import connect
+    from remediator.temporal import connect, connect_failure
 
     workflow_id = None
     if args.command in ("approve", "abort", "status"):
@@ -136,11 +136,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> None:
     try:
         client = await connect(settings.temporal)
     except RuntimeError as err:
-        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
-        raise control.ControlError(
-            f"cannot connect to Temporal at {settings.temporal.address} namespace "
-            f"{settings.temporal.namespace}: {first_line}"
-        ) from err
+        raise control.ControlError(connect_failure(settings.temporal, err)) from err
 
     console = output_console()
     if args.command in ("approve", "abort"):
@@ -177,7 +173,7 @@ PIPE_WIDTH = 400
 
 def output_console() -> Console:
     """Return the console for command output. A terminal or COLUMNS sets its
-    width; in a pipe, rich would cut tables at 80 columns, so it is wider."""
+    width. In a pipe rich would cut tables at 80 columns, so it is wider there."""
     width = None
     if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
         width = PIPE_WIDTH

@@ -15,9 +15,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 from rich.console import Console
-from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
-from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.client import (
     Client,
     Schedule,
@@ -34,7 +32,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from remediator.intake.alertmanager import is_dns1123_label
 from remediator.settings import Settings
-from remediator.temporal import connect
+from remediator.temporal import connect, connect_failure, task_queue_pollers
 from workflows.models import SWEEP_WORKFLOW, SweepInput, SweepResult
 
 
@@ -43,7 +41,7 @@ class SweepSettingsError(ValueError):
 
 
 class SweepCommandError(RuntimeError):
-    """Temporal cannot run what the command asked for; the message gives the reason."""
+    """A request that Temporal cannot carry out; the message gives the reason."""
 
 
 def parse_applications(text: str, where: str) -> list[str]:
@@ -108,7 +106,8 @@ def sweep_input(
 
 async def check_pollers(client: Client, settings: Settings) -> None:
     """Raise SweepCommandError when no worker polls a task queue the sweep
-    needs, because its workflow would then wait without a word."""
+    needs, because the sweep would otherwise wait silently until its 30-minute
+    execution timeout."""
     queues = [
         (
             settings.temporal.task_queue,
@@ -122,17 +121,10 @@ async def check_pollers(client: Client, settings: Settings) -> None:
         ),
     ]
     for name, queue_type, command in queues:
-        response = await client.workflow_service.describe_task_queue(
-            DescribeTaskQueueRequest(
-                namespace=client.namespace,
-                task_queue=TaskQueue(
-                    name=name, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL
-                ),
-                task_queue_type=queue_type,
-            ),
-            timeout=timedelta(seconds=10),
+        pollers = await task_queue_pollers(
+            client, name, queue_type, timedelta(seconds=10)
         )
-        if not response.pollers:
+        if not pollers:
             raise SweepCommandError(
                 f"no worker polls task queue {name} in namespace "
                 f"{client.namespace}; start `{command}` with the same settings"
@@ -187,10 +179,16 @@ async def schedule_sweep(client: Client, settings: Settings, input: SweepInput) 
     return schedule_id
 
 
-async def unschedule_sweep(client: Client, settings: Settings) -> str:
-    """Delete the sweep's Schedule; running sweeps finish."""
-    await client.get_schedule_handle(settings.sweep.schedule_id).delete()
-    return settings.sweep.schedule_id
+async def unschedule_sweep(client: Client, settings: Settings) -> bool:
+    """Delete the sweep's Schedule and return True, or return False when there
+    is none. Running sweeps finish."""
+    try:
+        await client.get_schedule_handle(settings.sweep.schedule_id).delete()
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+        return False
+    return True
 
 
 # --- command line ---------------------------------------------------------------
@@ -248,8 +246,13 @@ async def run_sweep_command(args: argparse.Namespace, settings: Settings) -> int
             )
             return 0
         if args.action == "unschedule":
-            deleted = await _unschedule(client, settings)
-            console.print(f"Schedule {deleted} deleted.")
+            schedule_id = settings.sweep.schedule_id
+            if not await unschedule_sweep(client, settings):
+                raise SweepCommandError(
+                    f"sweep Schedule {schedule_id} not found, so nothing was "
+                    "deleted (REMEDIATOR_SWEEP_SCHEDULE_ID)"
+                )
+            console.print(f"Schedule {schedule_id} deleted.")
             return 0
         await check_pollers(client, settings)
         result = await run_sweep(client, settings, input)
@@ -272,24 +275,7 @@ async def _connect(settings: Settings) -> Client:
     try:
         return await connect(settings.temporal)
     except RuntimeError as err:
-        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
-        raise SweepCommandError(
-            f"cannot connect to Temporal at {settings.temporal.address} (namespace "
-            f"{settings.temporal.namespace}): {first_line}. Start it or set "
-            "REMEDIATOR_TEMPORAL_ADDRESS"
-        ) from None
-
-
-async def _unschedule(client: Client, settings: Settings) -> str:
-    try:
-        return await unschedule_sweep(client, settings)
-    except RPCError as err:
-        if err.status != RPCStatusCode.NOT_FOUND:
-            raise
-        raise SweepCommandError(
-            f"there is no sweep Schedule {settings.sweep.schedule_id} to delete "
-            "(REMEDIATOR_SWEEP_SCHEDULE_ID)"
-        ) from None
+        raise SweepCommandError(connect_failure(settings.temporal, err)) from None
 
 
 def print_result(console: Console, result: SweepResult) -> None:

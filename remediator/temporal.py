@@ -9,9 +9,13 @@ and the `remediation_*` metrics that workflows and activities record.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from temporalio.api.enums.v1 import TaskQueueKind
+from temporalio.api.taskqueue.v1 import PollerInfo, TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -128,6 +132,34 @@ async def connect(
         lazy=lazy,
         runtime=runtime,
     )
+
+
+def connect_failure(settings: TemporalSettings, error: Exception) -> str:
+    """Return the one-line message for a failed `connect`: the address, the
+    namespace, the first line of the error and what to do next."""
+    first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+    return (
+        f"cannot connect to Temporal at {settings.address} (namespace "
+        f"{settings.namespace}): {first_line}. Start it (remediator dev-server) "
+        "or set REMEDIATOR_TEMPORAL_ADDRESS"
+    )
+
+
+async def task_queue_pollers(
+    client: Client, task_queue: str, queue_type: int, timeout: timedelta
+) -> list[PollerInfo]:
+    """Return the pollers Temporal lists for one type of a task queue."""
+    response = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(
+                name=task_queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL
+            ),
+            task_queue_type=queue_type,
+        ),
+        timeout=timeout,
+    )
+    return list(response.pollers)
 
 
 def workflow_url(settings: TemporalSettings, workflow_id: str) -> str:

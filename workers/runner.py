@@ -25,16 +25,14 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
-from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.client import Client
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from activities.detection_backend import DeviceUnavailableError
 from remediator.settings import Settings, WorkerSettings
-from remediator.temporal import connect, worker_runtime
+from remediator.temporal import connect, task_queue_pollers, worker_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -159,27 +157,19 @@ class WorkerHealth:
     async def _describe(self, queue: PolledQueue) -> Readiness:
         max_age = self.settings.ready_poll_age_seconds
         for queue_type in queue.types:
-            request = DescribeTaskQueueRequest(
-                namespace=queue.namespace,
-                task_queue=TaskQueue(
-                    name=queue.task_queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL
-                ),
-                task_queue_type=queue_type,
-            )
             type_name = TaskQueueType.Name(queue_type)
             try:
-                response = await queue.client.workflow_service.describe_task_queue(
-                    request, timeout=timedelta(seconds=REQUEST_TIMEOUT_SECONDS)
+                pollers = await task_queue_pollers(
+                    queue.client,
+                    queue.task_queue,
+                    queue_type,
+                    timedelta(seconds=REQUEST_TIMEOUT_SECONDS),
                 )
             except Exception as err:  # Any RPC failure means the polling is unknown.
                 return Readiness(
                     False, f"cannot describe task queue {queue.task_queue}: {err}"
                 )
-            seen = [
-                poller
-                for poller in response.pollers
-                if poller.identity == queue.identity
-            ]
+            seen = [poller for poller in pollers if poller.identity == queue.identity]
             if not seen:
                 return Readiness(
                     False,
@@ -381,10 +371,10 @@ async def ensure_sweep_schedule(client: Client, settings: Settings) -> None:
     """Create or update the sweep's Schedule from the settings.
 
     With no application opted in and discovery off, the Schedule is deleted
-    if it exists, since the deployment owns it. Other bad sweep settings stop
-    the worker with the setting to fix. When Temporal refuses the Schedule,
-    the worker logs why and runs on, because incidents must not wait on the
-    sweep; the next start tries again.
+    if it exists, because the deployment owns it. Other bad sweep settings stop
+    the worker with the setting to fix. When Temporal rejects the Schedule,
+    the worker logs the error and keeps running, because incidents must not
+    wait on the sweep. The next start tries again.
     """
     from remediator.sweep import (
         SweepSettingsError,
@@ -396,7 +386,17 @@ async def ensure_sweep_schedule(client: Client, settings: Settings) -> None:
     sweep = settings.sweep
     try:
         if not sweep.applications.strip() and not sweep.discover:
-            await _delete_schedule(client, settings, unschedule_sweep)
+            if await unschedule_sweep(client, settings):
+                logger.info(
+                    "No application is opted in to the sweep; deleted the sweep "
+                    "Schedule %s.",
+                    sweep.schedule_id,
+                )
+            else:
+                logger.info(
+                    "No application is opted in to the sweep, so there is no "
+                    "sweep Schedule."
+                )
             return
         schedule_id = await schedule_sweep(client, settings, sweep_input(settings))
     except SweepSettingsError as err:
@@ -417,20 +417,4 @@ async def ensure_sweep_schedule(client: Client, settings: Settings) -> None:
         "Sweep Schedule %s starts a sweep every %g s.",
         schedule_id,
         settings.sweep.interval_seconds,
-    )
-
-
-async def _delete_schedule(client: Client, settings: Settings, unschedule) -> None:
-    try:
-        await unschedule(client, settings)
-    except RPCError as err:
-        if err.status != RPCStatusCode.NOT_FOUND:
-            raise
-        logger.info(
-            "No application is opted in to the sweep, so there is no sweep Schedule."
-        )
-        return
-    logger.info(
-        "No application is opted in to the sweep; deleted the sweep Schedule %s.",
-        settings.sweep.schedule_id,
     )

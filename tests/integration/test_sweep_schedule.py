@@ -126,7 +126,7 @@ async def test_worker_start_syncs_schedule(
     description = await handle.describe()
     assert description.schedule.spec.intervals[0].every.total_seconds() == 1200
 
-    # Opting every application out deletes it, and a second start is a no-op.
+    # Opting every application out deletes it. A second start changes nothing.
     settings.sweep.applications = ""
     await ensure_sweep_schedule(client, settings)
     assert schedule_id not in await schedule_ids(client)
@@ -212,7 +212,7 @@ def connected_settings(env: WorkflowEnvironment, task_queue: str) -> Settings:
 
 
 @pytest.mark.asyncio
-async def test_sweep_without_workers_says_which(
+async def test_sweep_without_workers_names_queue(
     local_env: WorkflowEnvironment, task_queue: str, capsys
 ) -> None:
     settings = connected_settings(local_env, task_queue)
@@ -232,7 +232,7 @@ async def test_unschedule_twice_names_schedule(
     assert await run_sweep_command(command_args("unschedule"), settings) == 0
     assert await run_sweep_command(command_args("unschedule"), settings) == 1
     error = capsys.readouterr().err
-    assert f"no sweep Schedule {settings.sweep.schedule_id} to delete" in error
+    assert f"sweep Schedule {settings.sweep.schedule_id} not found" in error
 
 
 @pytest.mark.asyncio
