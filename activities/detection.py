@@ -281,7 +281,7 @@ def _context_features(values, direction: str, ops: ArrayOps):
 
 def _seasonal_features(values, direction: str, ops: ArrayOps):
     """Return the larger of the seasonal change's z-score and novelty, each
-    divided by its value at the threshold; NaN until the change exists."""
+    divided by its value at the threshold. It is NaN until the change exists."""
     nan = ops.full(values, (), np.nan)
     mean, _, count = _rolling_mean_std(values, SEASON_MEAN_POINTS, True, ops)
     mean = ops.where(count >= SEASON_MEAN_POINTS, mean, nan)
@@ -391,9 +391,9 @@ def _signed(deviation, direction: str, ops: ArrayOps):
 
 
 def _novelty(values, direction: str, ops: ArrayOps, floored: bool = False):
-    """Distance beyond the range of every earlier point, over that range;
-    0 at a gap, while the earlier range is empty, or while it is 0 and not
-    `floored` (see `_beyond_range`)."""
+    """Return the distance beyond the range of every earlier point, over that
+    range. It is 0 at a gap, while the earlier range is empty, or while it is 0
+    and not `floored` (see `_beyond_range`)."""
     missing = ops.isnan(values)
     high = _shift(ops.cummax(ops.where(missing, -np.inf, values)), 1, -np.inf, ops)
     low = -_shift(ops.cummax(ops.where(missing, -np.inf, -values)), 1, -np.inf, ops)
@@ -403,8 +403,8 @@ def _novelty(values, direction: str, ops: ArrayOps, floored: bool = False):
 def _beyond_range(
     values, high, low, direction: str, ops: ArrayOps, floored: bool = False
 ):
-    """Distance of `values` beyond [low, high], over high - low; 0 at a gap
-    or while that range is empty.
+    """Return the distance of `values` beyond [low, high], over high - low.
+    It is 0 at a gap or while that range is empty.
 
     Without `floored`, a range of 0 gives 0 too. With it, the range counts as
     at least RANGE_RELATIVE_FLOOR of its largest absolute value (and at least

@@ -124,7 +124,7 @@ def _numpy_score(values: np.ndarray, threshold: float) -> BatchScores:
 
 
 def _torch_state() -> str:
-    """Say why torch cannot use CUDA here, for the error message."""
+    """Return why torch cannot use CUDA here, for the error message."""
     try:
         import torch
     except ImportError:

@@ -440,7 +440,7 @@ def describe_settings() -> str:
 
 
 class SettingsError(ValueError):
-    """An environment variable holds a value its setting cannot take."""
+    """An environment variable contains a value that its setting rejects."""
 
 
 def load_settings() -> Settings:

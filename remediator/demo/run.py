@@ -509,8 +509,8 @@ def _print_failure(
     error: Exception,
     as_json: bool,
 ) -> None:
-    """Say why the demo stopped before its incidents ended; with `as_json`,
-    as a report whose outcome is "error", so scripts always get JSON."""
+    """Print why the demo stopped before its incidents ended. With `as_json`,
+    print a report whose outcome is "error" too, so scripts always get JSON."""
     message = f"{type(error).__name__}: {error}"
     if as_json:
         report = {

@@ -1,8 +1,8 @@
 """Fail closed: with a backend unreachable the demo escalates and merges nothing.
 
 Each case points one production backend at a loopback port that a socket of
-this test holds bound without listening, so connections to it are refused for
-as long as the demo runs and no server of the suite can take it. The three
+this test keeps bound without listening. So connections to it are refused for
+as long as the demo runs, and no server of the suite can take the port. The three
 demos run side by side because they mostly wait on retries.
 """
 
